@@ -1,0 +1,77 @@
+//! The HTTP surface dockerd talks to: one explicit route per protocol method, thin
+//! handlers (decode, call a service, encode), 404 for everything else.
+
+mod error;
+mod extract;
+mod ipam;
+mod network;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use tracing::{info_span, Instrument};
+
+use crate::driver::Driver;
+use crate::ipam::Ipam;
+use crate::protocol::ActivateResponse;
+
+pub use error::ApiError;
+pub use extract::DockerJson;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub driver: Arc<Driver>,
+    pub ipam: Arc<Ipam>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/Plugin.Activate", post(activate))
+        .merge(network::routes())
+        .merge(ipam::routes())
+        .fallback(unknown_method)
+        .layer(middleware::from_fn(request_span))
+        .with_state(state)
+}
+
+async fn activate() -> Json<ActivateResponse> {
+    Json(ActivateResponse {
+        implements: vec!["NetworkDriver".into(), "IpamDriver".into()],
+    })
+}
+
+/// Unknown methods must be 404: dockerd reads 404 as "not implemented".
+async fn unknown_method(req: Request) -> Response {
+    tracing::debug!(path = %req.uri().path(), "unknown method");
+    let msg = format!("weft does not implement {}", req.uri().path());
+    (
+        axum::http::StatusCode::NOT_FOUND,
+        Json(serde_json::json!({"Err": msg, "Error": msg})),
+    )
+        .into_response()
+}
+
+async fn request_span(req: Request, next: Next) -> Response {
+    let method = req.uri().path().trim_start_matches('/').to_string();
+    let span = info_span!("request", %method);
+    async move {
+        let started = Instant::now();
+        let response = next.run(req).await;
+        tracing::debug!(
+            status = response.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "handled"
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests;

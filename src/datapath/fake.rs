@@ -1,0 +1,111 @@
+//! In-memory [`Datapath`] for tests: tracks links and the last synced state, and can
+//! be told to fail, so driver logic (rollback, idempotency, reconcile) is testable
+//! without root.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use ipnetwork::Ipv4Network;
+
+use super::{Datapath, DatapathError, DesiredState, EndpointSpec};
+
+#[derive(Debug, Default)]
+pub struct FakeState {
+    pub links: BTreeSet<String>,
+    pub synced: DesiredState,
+    pub host_routes: Vec<Ipv4Network>,
+    pub underlay_mtu: u32,
+    pub fail_setup: bool,
+    pub fail_sync: bool,
+    pub setups: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct FakeDatapath {
+    pub state: Mutex<FakeState>,
+}
+
+impl FakeDatapath {
+    pub fn new() -> Self {
+        let fake = Self::default();
+        fake.state.lock().unwrap().underlay_mtu = 1500;
+        fake
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut FakeState) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    pub fn links(&self) -> BTreeSet<String> {
+        self.with(|s| s.links.clone())
+    }
+
+    /// What a container's death does: the veth pair vanishes with its namespace.
+    pub fn destroy_pair(&self, host_if: &str, container_if: &str) {
+        self.with(|s| {
+            s.links.remove(host_if);
+            s.links.remove(container_if);
+        });
+    }
+}
+
+#[async_trait]
+impl Datapath for FakeDatapath {
+    async fn underlay_mtu(&self) -> Result<u32, DatapathError> {
+        Ok(self.with(|s| s.underlay_mtu))
+    }
+
+    async fn host_routes(&self) -> Result<Vec<Ipv4Network>, DatapathError> {
+        Ok(self.with(|s| s.host_routes.clone()))
+    }
+
+    async fn setup_endpoint(&self, ep: &EndpointSpec) -> Result<(), DatapathError> {
+        self.with(|s| {
+            if s.fail_setup {
+                return Err(DatapathError::PermissionDenied {
+                    what: format!("create {}", ep.host_if),
+                });
+            }
+            s.setups += 1;
+            s.links.insert(ep.host_if.clone());
+            s.links.insert(ep.container_if.clone());
+            Ok(())
+        })
+    }
+
+    async fn teardown_endpoint(&self, ep: &EndpointSpec) -> Result<(), DatapathError> {
+        self.destroy_pair(&ep.host_if, &ep.container_if);
+        Ok(())
+    }
+
+    async fn host_link_exists(&self, host_if: &str) -> Result<bool, DatapathError> {
+        Ok(self.with(|s| s.links.contains(host_if)))
+    }
+
+    async fn endpoint_links(&self) -> Result<Vec<String>, DatapathError> {
+        Ok(self.links().into_iter().collect())
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<(), DatapathError> {
+        self.with(|s| {
+            if s.links.remove(name) {
+                Ok(())
+            } else {
+                Err(DatapathError::NotFound {
+                    what: name.to_string(),
+                })
+            }
+        })
+    }
+
+    async fn sync(&self, desired: &DesiredState) -> Result<(), DatapathError> {
+        self.with(|s| {
+            if s.fail_sync {
+                return Err(DatapathError::Firewall("injected failure".into()));
+            }
+            s.synced = desired.clone();
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,257 @@
+//! weft's packet filter: isolation between networks, anti-spoofing, masquerade.
+//!
+//! Everything lives in one nftables table, `inet weft`, replaced atomically from the
+//! desired state on every sync (one `nft -f` transaction: a half-applied ruleset is
+//! never visible). Docker's iptables `FORWARD` chain may have policy `DROP`, and a
+//! drop in any base chain is final, so forwarded container traffic is also accepted
+//! explicitly in an iptables chain of ours, `WEFT-FORWARD`, jumped to from `FORWARD`.
+
+use std::fmt::Write as _;
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tracing::debug;
+
+use super::{DatapathError, DesiredState, HOST_IF_PREFIX};
+
+pub const TABLE: &str = "weft";
+pub const IPTABLES_CHAIN: &str = "WEFT-FORWARD";
+
+/// The nftables script that replaces table `inet weft` with `desired`. With no
+/// networks the table is only deleted.
+pub fn render(desired: &DesiredState) -> String {
+    let mut s = String::new();
+    // Create-then-delete makes the delete valid whether or not the table exists.
+    let _ = writeln!(s, "table inet {TABLE}\ndelete table inet {TABLE}");
+    if desired.networks.is_empty() {
+        return s;
+    }
+    let subnets: Vec<String> = desired
+        .networks
+        .iter()
+        .map(|n| n.subnet.to_string())
+        .collect();
+    let gateways: Vec<String> = desired
+        .networks
+        .iter()
+        .filter_map(|n| n.gateway.map(|g| g.to_string()))
+        .collect();
+    let endpoints: Vec<String> = desired
+        .endpoints
+        .iter()
+        .map(|e| format!("\"{}\" . {}", e.host_if, e.address))
+        .collect();
+    let set = |name: &str, ty: &str, flags: &str, elems: &[String]| {
+        let elements = if elems.is_empty() {
+            String::new()
+        } else {
+            format!(" elements = {{ {} }};", elems.join(", "))
+        };
+        format!("  set {name} {{ type {ty};{flags}{elements} }}\n")
+    };
+    let _ = writeln!(s, "table inet {TABLE} {{");
+    s.push_str(&set("subnets", "ipv4_addr", " flags interval;", &subnets));
+    s.push_str(&set("gateways", "ipv4_addr", "", &gateways));
+    s.push_str(&set("endpoints", "ifname . ipv4_addr", "", &endpoints));
+
+    // A container may only send from its own address, and only IPv4.
+    let _ = writeln!(
+        s,
+        "  chain prerouting {{\n    type filter hook prerouting priority -150; policy accept;\n    \
+         iifname \"{HOST_IF_PREFIX}*\" meta nfproto ipv6 drop\n    \
+         iifname \"{HOST_IF_PREFIX}*\" iifname . ip saddr != @endpoints drop\n  }}"
+    );
+    let _ = writeln!(
+        s,
+        "  chain forward {{\n    type filter hook forward priority -5; policy accept;"
+    );
+    for n in &desired.networks {
+        let sub = n.subnet;
+        if n.internal {
+            let _ = writeln!(s, "    ip saddr {sub} ip daddr != {sub} drop");
+            let _ = writeln!(s, "    ip daddr {sub} ip saddr != {sub} drop");
+        } else {
+            let _ = writeln!(
+                s,
+                "    ip saddr {sub} ip daddr @subnets ip daddr != {sub} drop"
+            );
+        }
+    }
+    let _ = writeln!(s, "  }}");
+    // The host's gateway addresses answer only their own network.
+    let _ = writeln!(
+        s,
+        "  chain input {{\n    type filter hook input priority -5; policy accept;"
+    );
+    if !gateways.is_empty() {
+        for n in &desired.networks {
+            match n.gateway {
+                Some(g) if !n.internal => {
+                    let _ = writeln!(
+                        s,
+                        "    ip saddr {} ip daddr @gateways ip daddr != {g} drop",
+                        n.subnet
+                    );
+                }
+                _ => {
+                    let _ = writeln!(s, "    ip saddr {} ip daddr @gateways drop", n.subnet);
+                }
+            }
+        }
+    }
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(
+        s,
+        "  chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;"
+    );
+    for n in desired.networks.iter().filter(|n| !n.internal) {
+        let _ = writeln!(
+            s,
+            "    ip saddr {} ip daddr != @subnets masquerade",
+            n.subnet
+        );
+    }
+    let _ = writeln!(s, "  }}\n}}");
+    s
+}
+
+async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), DatapathError> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| {
+        DatapathError::Firewall(format!("cannot run {program}: {e} (is it installed?)"))
+    })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .await
+            .map_err(|e| DatapathError::Firewall(format!("writing to {program}: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| DatapathError::Firewall(format!("waiting for {program}: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(DatapathError::Firewall(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Replaces table `inet weft` with the rules for `desired`.
+pub async fn apply_nftables(desired: &DesiredState) -> Result<(), DatapathError> {
+    let script = render(desired);
+    debug!(rules = %script, "applying nftables ruleset");
+    run("nft", &["-f", "-"], Some(&script)).await
+}
+
+async fn iptables(args: &[&str]) -> Result<(), DatapathError> {
+    let mut full = vec!["-w", "5"];
+    full.extend_from_slice(args);
+    run("iptables", &full, None).await
+}
+
+/// Makes iptables' FORWARD accept container traffic (when there are networks) or
+/// removes every trace of weft from iptables (when there are none).
+pub async fn apply_iptables(active: bool) -> Result<(), DatapathError> {
+    let jump = ["FORWARD", "-j", IPTABLES_CHAIN];
+    let has_jump = iptables(&[&["-C"], &jump[..]].concat()).await.is_ok();
+    if !active {
+        if has_jump {
+            iptables(&[&["-D"], &jump[..]].concat()).await?;
+        }
+        if iptables(&["-L", IPTABLES_CHAIN, "-n"]).await.is_ok() {
+            iptables(&["-F", IPTABLES_CHAIN]).await?;
+            iptables(&["-X", IPTABLES_CHAIN]).await?;
+        }
+        return Ok(());
+    }
+    if iptables(&["-L", IPTABLES_CHAIN, "-n"]).await.is_err() {
+        iptables(&["-N", IPTABLES_CHAIN]).await?;
+    }
+    let wildcard = format!("{HOST_IF_PREFIX}+");
+    let rules: [&[&str]; 2] = [
+        &["-i", &wildcard, "-j", "ACCEPT"],
+        &[
+            "-o",
+            &wildcard,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+            "-j",
+            "ACCEPT",
+        ],
+    ];
+    for rule in rules {
+        let check = [&["-C", IPTABLES_CHAIN], rule].concat();
+        if iptables(&check).await.is_err() {
+            iptables(&[&["-A", IPTABLES_CHAIN], rule].concat()).await?;
+        }
+    }
+    if !has_jump {
+        iptables(&["-I", "FORWARD", "1", "-j", IPTABLES_CHAIN]).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{EndpointSpec, NetworkSpec};
+    use super::*;
+
+    fn state() -> DesiredState {
+        DesiredState {
+            networks: vec![
+                NetworkSpec {
+                    subnet: "10.42.0.0/16".parse().unwrap(),
+                    gateway: Some("10.42.0.1".parse().unwrap()),
+                    internal: false,
+                },
+                NetworkSpec {
+                    subnet: "10.43.0.0/16".parse().unwrap(),
+                    gateway: None,
+                    internal: true,
+                },
+            ],
+            endpoints: vec![EndpointSpec {
+                host_if: "wfh0123456789ab".into(),
+                container_if: "wfc0123456789ab".into(),
+                address: "10.42.0.2".parse().unwrap(),
+                mtu: 1420,
+            }],
+        }
+    }
+
+    #[test]
+    fn ruleset_isolates_networks_prevents_spoofing_and_masquerades_only_non_internal() {
+        let r = render(&state());
+        assert!(r.starts_with("table inet weft\ndelete table inet weft\n"));
+        assert!(r.contains("elements = { \"wfh0123456789ab\" . 10.42.0.2 }"));
+        assert!(r.contains("iifname . ip saddr != @endpoints drop"));
+        assert!(r.contains("ip saddr 10.42.0.0/16 ip daddr @subnets ip daddr != 10.42.0.0/16 drop"));
+        assert!(r.contains("ip saddr 10.43.0.0/16 ip daddr != 10.43.0.0/16 drop"));
+        assert!(r.contains("ip saddr 10.42.0.0/16 ip daddr != @subnets masquerade"));
+        assert!(!r.contains("ip saddr 10.43.0.0/16 ip daddr != @subnets masquerade"));
+        assert!(r.contains("ip saddr 10.42.0.0/16 ip daddr @gateways ip daddr != 10.42.0.1 drop"));
+    }
+
+    #[test]
+    fn no_networks_means_no_table() {
+        assert_eq!(
+            render(&DesiredState::default()),
+            "table inet weft\ndelete table inet weft\n"
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! The real datapath: rtnetlink for links, addresses and routes, sysctls for proxy
+//! ARP, and the firewall module for nftables/iptables. Netlink types stay in here.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::{Handle, LinkDummy, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use tracing::{debug, info, warn};
+
+use super::sysctl::Sysctl;
+use super::{
+    firewall, Datapath, DatapathError, DesiredState, EndpointSpec, CONTAINER_IF_PREFIX,
+    GATEWAY_LINK, HOST_IF_PREFIX,
+};
+
+/// Routing protocol number that marks routes weft installed (`ip route show proto 87`).
+pub const ROUTE_PROTOCOL: u8 = 87;
+
+pub struct NetlinkDatapath {
+    handle: Handle,
+    sysctl: Sysctl,
+}
+
+/// Turns an rtnetlink error into a domain error naming what was being done.
+fn classify(what: impl Into<String>, err: rtnetlink::Error) -> DatapathError {
+    let what = what.into();
+    match &err {
+        rtnetlink::Error::NetlinkError(msg) => match -msg.raw_code() {
+            libc::EEXIST => DatapathError::AlreadyExists { what },
+            libc::ENODEV | libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL => {
+                DatapathError::NotFound { what }
+            }
+            libc::EPERM | libc::EACCES => DatapathError::PermissionDenied { what },
+            _ => DatapathError::Kernel {
+                what,
+                message: msg.to_io().to_string(),
+            },
+        },
+        other => DatapathError::Kernel {
+            what,
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Treats "not found" as success (for idempotent deletes).
+fn gone_ok(r: Result<(), DatapathError>) -> Result<(), DatapathError> {
+    match r {
+        Err(DatapathError::NotFound { .. }) => Ok(()),
+        other => other,
+    }
+}
+
+struct Link {
+    index: u32,
+    name: String,
+    mtu: u32,
+}
+
+fn link_of(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mtu: 0,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Mtu(m) => link.mtu = *m,
+            _ => {}
+        }
+    }
+    link
+}
+
+struct Route {
+    dst: Ipv4Network,
+    kind: RouteType,
+    oif: Option<u32>,
+    protocol: RouteProtocol,
+    message: RouteMessage,
+}
+
+fn route_of(msg: RouteMessage) -> Option<Route> {
+    let mut table = msg.header.table as u32;
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut oif = None;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    if table != RouteHeader::RT_TABLE_MAIN as u32 {
+        return None;
+    }
+    Some(Route {
+        dst: Ipv4Network::new(dst, msg.header.destination_prefix_length).ok()?,
+        kind: msg.header.kind,
+        oif,
+        protocol: msg.header.protocol,
+        message: msg,
+    })
+}
+
+impl NetlinkDatapath {
+    /// Opens one netlink connection for the daemon's lifetime (its task is spawned here).
+    pub fn connect(sysctl_root: &str) -> Result<Self, DatapathError> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(|e| DatapathError::Kernel {
+                what: "netlink socket".into(),
+                message: e.to_string(),
+            })?;
+        tokio::spawn(connection);
+        Ok(Self {
+            handle,
+            sysctl: Sysctl::new(sysctl_root),
+        })
+    }
+
+    async fn links(&self) -> Result<Vec<Link>, DatapathError> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| classify("list links", e))?;
+        Ok(msgs.iter().map(link_of).collect())
+    }
+
+    async fn link(&self, name: &str) -> Result<Option<Link>, DatapathError> {
+        let found = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await;
+        match found {
+            Ok(msg) => Ok(msg.as_ref().map(link_of)),
+            Err(e) => match classify(format!("look up link {name}"), e) {
+                DatapathError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn set_link(&self, what: String, msg: LinkMessage) -> Result<(), DatapathError> {
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| classify(what, e))
+    }
+
+    async fn routes(&self) -> Result<Vec<Route>, DatapathError> {
+        let msgs: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| classify("list routes", e))?;
+        Ok(msgs.into_iter().filter_map(route_of).collect())
+    }
+
+    async fn delete_route(&self, route: &Route) -> Result<(), DatapathError> {
+        gone_ok(
+            self.handle
+                .route()
+                .del(route.message.clone())
+                .execute()
+                .await
+                .map_err(|e| classify(format!("delete route {}", route.dst), e)),
+        )
+    }
+
+    fn weft_route(dst: Ipv4Network) -> RouteMessageBuilder<Ipv4Addr> {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix())
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+    }
+
+    async fn create_pair(&self, ep: &EndpointSpec) -> Result<(), DatapathError> {
+        let msg = LinkVeth::new(&ep.host_if, &ep.container_if)
+            .mtu(ep.mtu)
+            .build();
+        let created = self
+            .handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| classify(format!("create veth {}", ep.host_if), e));
+        match created {
+            Ok(()) => {
+                info!(link = %ep.host_if, peer = %ep.container_if, mtu = ep.mtu, "veth pair created");
+                Ok(())
+            }
+            Err(DatapathError::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn sync_gateways(&self, desired: &DesiredState) -> Result<(), DatapathError> {
+        let wanted: BTreeSet<Ipv4Addr> = desired
+            .networks
+            .iter()
+            .filter(|n| !n.internal)
+            .filter_map(|n| n.gateway)
+            .collect();
+        let existing = self.link(GATEWAY_LINK).await?;
+        if wanted.is_empty() {
+            if let Some(link) = existing {
+                gone_ok(self.delete_index(link.index, GATEWAY_LINK).await)?;
+            }
+            return Ok(());
+        }
+        let link = match existing {
+            Some(l) => l,
+            None => {
+                let add = self
+                    .handle
+                    .link()
+                    .add(LinkDummy::new(GATEWAY_LINK).up().build())
+                    .execute()
+                    .await;
+                match add.map_err(|e| classify(format!("create {GATEWAY_LINK}"), e)) {
+                    Ok(()) | Err(DatapathError::AlreadyExists { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                self.link(GATEWAY_LINK)
+                    .await?
+                    .ok_or_else(|| DatapathError::NotFound {
+                        what: GATEWAY_LINK.into(),
+                    })?
+            }
+        };
+        self.set_link(
+            format!("bring up {GATEWAY_LINK}"),
+            LinkUnspec::new_with_index(link.index).up().build(),
+        )
+        .await?;
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(link.index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| classify("list gateway addresses", e))?;
+        let mut present = BTreeSet::new();
+        for msg in addrs {
+            let ip = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            match ip {
+                Some(ip) if wanted.contains(&ip) && msg.header.prefix_len == 32 => {
+                    present.insert(ip);
+                }
+                _ => {
+                    let r = self.handle.address().del(msg).execute().await;
+                    gone_ok(r.map_err(|e| classify("remove stale gateway address", e)))?;
+                }
+            }
+        }
+        for ip in wanted.difference(&present) {
+            let r = self
+                .handle
+                .address()
+                .add(link.index, IpAddr::V4(*ip), 32)
+                .execute()
+                .await;
+            match r.map_err(|e| classify(format!("add gateway {ip}"), e)) {
+                Ok(()) | Err(DatapathError::AlreadyExists { .. }) => {
+                    debug!(gateway = %ip, "gateway address added")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync_routes(&self, desired: &DesiredState) -> Result<(), DatapathError> {
+        let routes = self.routes().await?;
+        let ours = |r: &&Route| r.protocol == RouteProtocol::Other(ROUTE_PROTOCOL);
+        let subnets: BTreeSet<Ipv4Network> = desired.networks.iter().map(|n| n.subnet).collect();
+        let hosts: BTreeSet<Ipv4Addr> = desired.endpoints.iter().map(|e| e.address).collect();
+        let mut errors = Vec::new();
+        for r in routes.iter().filter(ours) {
+            let wanted = match r.kind {
+                RouteType::Unreachable => subnets.contains(&r.dst),
+                _ => r.dst.prefix() == 32 && hosts.contains(&r.dst.ip()),
+            };
+            if !wanted {
+                debug!(dst = %r.dst, "removing stale route");
+                if let Err(e) = self.delete_route(r).await {
+                    errors.push(e);
+                }
+            }
+        }
+        // Addresses of a subnet that no local container holds are unreachable here,
+        // rather than leaking out of the default route.
+        for subnet in subnets {
+            let present = routes
+                .iter()
+                .filter(ours)
+                .any(|r| r.dst == subnet && r.kind == RouteType::Unreachable);
+            if !present {
+                let msg = Self::weft_route(subnet)
+                    .kind(RouteType::Unreachable)
+                    .build();
+                let r = self.handle.route().add(msg).replace().execute().await;
+                if let Err(e) =
+                    r.map_err(|e| classify(format!("add unreachable route {subnet}"), e))
+                {
+                    errors.push(e);
+                }
+            }
+        }
+        DatapathError::collect(errors)
+    }
+
+    async fn delete_index(&self, index: u32, name: &str) -> Result<(), DatapathError> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| classify(format!("delete link {name}"), e))
+    }
+}
+
+#[async_trait]
+impl Datapath for NetlinkDatapath {
+    async fn underlay_mtu(&self) -> Result<u32, DatapathError> {
+        let links = self.links().await?;
+        let default_oif = self
+            .routes()
+            .await?
+            .into_iter()
+            .find(|r| r.dst.prefix() == 0 && r.kind == RouteType::Unicast)
+            .and_then(|r| r.oif);
+        if let Some(link) = default_oif.and_then(|i| links.iter().find(|l| l.index == i)) {
+            return Ok(link.mtu);
+        }
+        let ours = |n: &str| {
+            n == "lo"
+                || n == GATEWAY_LINK
+                || n.starts_with(HOST_IF_PREFIX)
+                || n.starts_with(CONTAINER_IF_PREFIX)
+        };
+        Ok(links
+            .iter()
+            .filter(|l| !ours(&l.name))
+            .map(|l| l.mtu)
+            .max()
+            .unwrap_or(1500))
+    }
+
+    async fn host_routes(&self) -> Result<Vec<Ipv4Network>, DatapathError> {
+        Ok(self
+            .routes()
+            .await?
+            .into_iter()
+            .filter(|r| r.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) && r.dst.prefix() > 0)
+            .map(|r| r.dst)
+            .collect())
+    }
+
+    async fn setup_endpoint(&self, ep: &EndpointSpec) -> Result<(), DatapathError> {
+        let host = match self.link(&ep.host_if).await? {
+            Some(l) => l,
+            None => {
+                self.create_pair(ep).await?;
+                self.link(&ep.host_if)
+                    .await?
+                    .ok_or_else(|| DatapathError::NotFound {
+                        what: format!("link {} right after creating it", ep.host_if),
+                    })?
+            }
+        };
+        // The container end is ours to configure only while it is still in this namespace.
+        if let Some(peer) = self.link(&ep.container_if).await? {
+            if peer.mtu != ep.mtu {
+                self.set_link(
+                    format!("set MTU of {}", ep.container_if),
+                    LinkUnspec::new_with_index(peer.index).mtu(ep.mtu).build(),
+                )
+                .await?;
+            }
+        }
+        self.set_link(
+            format!("set up {}", ep.host_if),
+            LinkUnspec::new_with_index(host.index)
+                .mtu(ep.mtu)
+                .up()
+                .build(),
+        )
+        .await?;
+        // The host end answers ARP for the whole subnet (and for the gateway), at once.
+        self.sysctl
+            .set(&format!("ipv4/conf/{}/proxy_arp", ep.host_if), "1")
+            .await?;
+        self.sysctl
+            .set(&format!("ipv4/neigh/{}/proxy_delay", ep.host_if), "0")
+            .await?;
+        if let Err(e) = self
+            .sysctl
+            .set(&format!("ipv6/conf/{}/disable_ipv6", ep.host_if), "1")
+            .await
+        {
+            debug!(error = %e, "could not disable IPv6 on the host end");
+        }
+        let route = Self::weft_route(Ipv4Network::new(ep.address, 32).expect("/32"))
+            .output_interface(host.index)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| classify(format!("route {} via {}", ep.address, ep.host_if), e))
+    }
+
+    async fn teardown_endpoint(&self, ep: &EndpointSpec) -> Result<(), DatapathError> {
+        let mut errors = Vec::new();
+        let dst = Ipv4Network::new(ep.address, 32).expect("/32");
+        match self.routes().await {
+            Ok(routes) => {
+                let host_index = self.link(&ep.host_if).await.ok().flatten().map(|l| l.index);
+                for r in routes.iter().filter(|r| {
+                    r.dst == dst
+                        && r.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                        && (host_index.is_none() || r.oif == host_index)
+                }) {
+                    if let Err(e) = self.delete_route(r).await {
+                        errors.push(e);
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        for name in [&ep.host_if, &ep.container_if] {
+            match self.link(name).await {
+                Ok(Some(link)) => {
+                    if let Err(e) = gone_ok(self.delete_index(link.index, name).await) {
+                        errors.push(e);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            debug!(link = %ep.host_if, "endpoint datapath removed");
+        } else {
+            warn!(link = %ep.host_if, errors = errors.len(), "endpoint teardown incomplete");
+        }
+        DatapathError::collect(errors)
+    }
+
+    async fn host_link_exists(&self, host_if: &str) -> Result<bool, DatapathError> {
+        Ok(self.link(host_if).await?.is_some())
+    }
+
+    async fn endpoint_links(&self) -> Result<Vec<String>, DatapathError> {
+        Ok(self
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| n.starts_with(HOST_IF_PREFIX) || n.starts_with(CONTAINER_IF_PREFIX))
+            .collect())
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<(), DatapathError> {
+        match self.link(name).await? {
+            Some(link) => self.delete_index(link.index, name).await,
+            None => Err(DatapathError::NotFound {
+                what: format!("link {name}"),
+            }),
+        }
+    }
+
+    async fn sync(&self, desired: &DesiredState) -> Result<(), DatapathError> {
+        let mut errors = Vec::new();
+        if !desired.networks.is_empty() {
+            if let Err(e) = self.sysctl.set("ipv4/ip_forward", "1").await {
+                errors.push(e);
+            }
+        }
+        for result in [
+            self.sync_gateways(desired).await,
+            self.sync_routes(desired).await,
+            firewall::apply_nftables(desired).await,
+            firewall::apply_iptables(!desired.networks.is_empty()).await,
+        ] {
+            if let Err(e) = result {
+                errors.push(e);
+            }
+        }
+        DatapathError::collect(errors)
+    }
+}

@@ -1,0 +1,529 @@
+//! The network driver service: networks, endpoints, join and leave.
+//!
+//! Every accepted object is written to the local store before the reply, so a
+//! restarted daemon knows everything Docker told it. Kernel work goes through the
+//! [`Datapath`]; setup rolls back on failure and teardown never stops early.
+
+mod options;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{info, instrument, warn};
+
+use crate::datapath::{
+    link_names, Datapath, DatapathError, DesiredState, EndpointSpec, NetworkSpec,
+};
+use crate::protocol::network as proto;
+use crate::store::{keys, Store, StoreError, StoreExt};
+
+pub use options::NetworkOptions;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+/// A Docker network on this host (`networks/<NetworkID>`, local store).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkRecord {
+    pub id: String,
+    pub subnet: Ipv4Network,
+    pub gateway: Option<Ipv4Addr>,
+    pub internal: bool,
+    pub mtu: u32,
+    /// `-o weft.network=NAME`: the cluster-wide name, when the user gave one.
+    pub name: Option<String>,
+}
+
+/// An endpoint on this host (`endpoints/<EndpointID>`, local store).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointRecord {
+    pub id: String,
+    pub network_id: String,
+    pub address: Ipv4Addr,
+    pub host_if: String,
+    pub container_if: String,
+    pub mtu: u32,
+    /// Set by Join, cleared by Leave. Once joined, the container end belongs to Docker
+    /// and the pair dies with the container's namespace.
+    pub joined: bool,
+}
+
+impl EndpointRecord {
+    pub fn spec(&self) -> EndpointSpec {
+        EndpointSpec {
+            host_if: self.host_if.clone(),
+            container_if: self.container_if.clone(),
+            address: self.address,
+            mtu: self.mtu,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// MTU for networks created without an MTU option; `None` derives it from the underlay.
+    pub default_mtu: Option<u32>,
+    /// Bytes subtracted from the underlay MTU (WireGuard over an IPv6 underlay: 80).
+    pub mtu_overhead: u32,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            default_mtu: None,
+            mtu_overhead: 80,
+        }
+    }
+}
+
+pub struct Driver {
+    local: Arc<dyn Store>,
+    datapath: Arc<dyn Datapath>,
+    config: DriverConfig,
+    /// Serialises changes to this host's networks and endpoints with the reconciler.
+    ops: Mutex<()>,
+}
+
+pub fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+impl Driver {
+    pub fn new(local: Arc<dyn Store>, datapath: Arc<dyn Datapath>, config: DriverConfig) -> Self {
+        Self {
+            local,
+            datapath,
+            config,
+            ops: Mutex::new(()),
+        }
+    }
+
+    #[instrument(skip_all, fields(network = %short(&req.network_id)))]
+    pub async fn create_network(
+        &self,
+        req: proto::CreateNetworkRequest,
+    ) -> Result<(), DriverError> {
+        check_id("NetworkID", &req.network_id)?;
+        let opts = NetworkOptions::parse(&req.options)?;
+        if opts.ipv6 || !req.ipv6_data.is_empty() {
+            return Err(DriverError::Unsupported(
+                "weft does not support IPv6 yet; create the network without --ipv6".into(),
+            ));
+        }
+        let data = match req.ipv4_data.as_slice() {
+            [one] => one,
+            [] => {
+                return Err(DriverError::Invalid(
+                    "no IPv4 subnet given (IPv4Data is empty)".into(),
+                ))
+            }
+            _ => {
+                return Err(DriverError::Unsupported(
+                    "weft supports one subnet per network".into(),
+                ))
+            }
+        };
+        let subnet = parse_cidr("Pool", &data.pool)?;
+        let gateway = match (opts.internal, data.gateway.as_str()) {
+            (true, _) | (false, "") => None,
+            (false, g) => Some(parse_cidr("Gateway", g)?.ip()),
+        };
+        let _ops = self.ops.lock().await;
+        let mtu = match opts.mtu.or(self.config.default_mtu) {
+            Some(m) => m,
+            None => self
+                .datapath
+                .underlay_mtu()
+                .await?
+                .saturating_sub(self.config.mtu_overhead),
+        };
+        let record = NetworkRecord {
+            id: req.network_id.clone(),
+            subnet: Ipv4Network::new(subnet.network(), subnet.prefix()).expect("valid"),
+            gateway,
+            internal: opts.internal,
+            mtu,
+            name: opts.name,
+        };
+        for (_, other) in self
+            .local
+            .list_json::<NetworkRecord>(keys::NETWORKS)
+            .await?
+        {
+            let other = other.value;
+            if other.id == record.id {
+                if other == record {
+                    return Ok(());
+                }
+                return Err(DriverError::Conflict(format!(
+                    "network {} already exists with different settings",
+                    short(&record.id)
+                )));
+            }
+            if crate::ipam::allocator::overlaps(other.subnet, record.subnet) {
+                return Err(DriverError::Conflict(format!(
+                    "subnet {} overlaps subnet {} of weft network {} on this host",
+                    record.subnet,
+                    other.subnet,
+                    short(&other.id)
+                )));
+            }
+        }
+        if self
+            .local
+            .create_json(&keys::network(&record.id), &record)
+            .await?
+            .is_none()
+        {
+            return Err(DriverError::Conflict(format!(
+                "network {} was created concurrently",
+                short(&record.id)
+            )));
+        }
+        if let Err(e) = self.sync_locked().await {
+            // Roll back: the network must not half-exist.
+            let _ = self.local.delete(&keys::network(&record.id), None).await;
+            let _ = self.sync_locked().await;
+            return Err(e);
+        }
+        info!(subnet = %record.subnet, mtu, internal = record.internal, "network created");
+        Ok(())
+    }
+
+    #[instrument(skip_all, fields(network = %short(network_id)))]
+    pub async fn delete_network(&self, network_id: &str) -> Result<(), DriverError> {
+        let _ops = self.ops.lock().await;
+        let mut errors = Vec::new();
+        for ep in self.endpoints().await? {
+            if ep.network_id == network_id {
+                warn!(endpoint = %short(&ep.id), "removing endpoint left on a deleted network");
+                if let Err(e) = self.remove_endpoint(&ep).await {
+                    errors.push(e);
+                }
+            }
+        }
+        self.local.delete(&keys::network(network_id), None).await?;
+        if let Err(e) = self.sync_locked().await {
+            errors.push(e);
+        }
+        info!("network deleted");
+        first_error(errors)
+    }
+
+    #[instrument(skip_all, fields(network = %short(&req.network_id), endpoint = %short(&req.endpoint_id)))]
+    pub async fn create_endpoint(
+        &self,
+        req: proto::CreateEndpointRequest,
+    ) -> Result<proto::CreateEndpointResponse, DriverError> {
+        let (host_if, container_if) = link_names(&req.endpoint_id).ok_or_else(|| {
+            DriverError::Invalid(format!("EndpointID {:?} is not a hex ID", req.endpoint_id))
+        })?;
+        if !req.interface.address_ipv6.is_empty() {
+            return Err(DriverError::Unsupported(
+                "weft does not support IPv6 addresses yet".into(),
+            ));
+        }
+        if req.interface.address.is_empty() {
+            return Err(DriverError::Invalid(
+                "the endpoint has no IPv4 address (Interface.Address is empty)".into(),
+            ));
+        }
+        let address = parse_cidr("Interface.Address", &req.interface.address)?;
+        let _ops = self.ops.lock().await;
+        let network = self.network(&req.network_id).await?;
+        if !network.subnet.contains(address.ip()) {
+            return Err(DriverError::Invalid(format!(
+                "address {} is outside subnet {}",
+                address.ip(),
+                network.subnet
+            )));
+        }
+        let record = EndpointRecord {
+            id: req.endpoint_id.clone(),
+            network_id: req.network_id.clone(),
+            address: address.ip(),
+            host_if,
+            container_if,
+            mtu: network.mtu,
+            joined: false,
+        };
+        for other in self.endpoints().await? {
+            if other.id == record.id {
+                return if other.network_id == record.network_id && other.address == record.address {
+                    Ok(proto::CreateEndpointResponse::default())
+                } else {
+                    Err(DriverError::Conflict(format!(
+                        "endpoint {} already exists",
+                        short(&record.id)
+                    )))
+                };
+            }
+            if other.host_if == record.host_if {
+                return Err(DriverError::Conflict(format!(
+                    "endpoint {} collides with endpoint {} on link name {}",
+                    short(&record.id),
+                    short(&other.id),
+                    record.host_if
+                )));
+            }
+        }
+        if self
+            .local
+            .create_json(&keys::endpoint(&record.id), &record)
+            .await?
+            .is_none()
+        {
+            return Err(DriverError::Conflict(format!(
+                "endpoint {} was created concurrently",
+                short(&record.id)
+            )));
+        }
+        let setup = async {
+            self.datapath.setup_endpoint(&record.spec()).await?;
+            self.sync_locked().await
+        };
+        if let Err(e) = setup.await {
+            // Docker does not call DeleteEndpoint after a failed CreateEndpoint.
+            if let Err(undo) = self.remove_endpoint(&record).await {
+                warn!(error = %undo, "rollback of a failed endpoint left something behind");
+            }
+            return Err(e);
+        }
+        info!(address = %record.address, link = %record.host_if, mtu = record.mtu, "endpoint created");
+        // Docker set the address (and MAC, if any); echoing them back is an error.
+        Ok(proto::CreateEndpointResponse::default())
+    }
+
+    #[instrument(skip_all, fields(network = %short(network_id), endpoint = %short(endpoint_id)))]
+    pub async fn delete_endpoint(
+        &self,
+        network_id: &str,
+        endpoint_id: &str,
+    ) -> Result<(), DriverError> {
+        let _ops = self.ops.lock().await;
+        let Some(record) = self
+            .local
+            .get_json::<EndpointRecord>(&keys::endpoint(endpoint_id))
+            .await?
+        else {
+            return Ok(());
+        };
+        self.remove_endpoint(&record.value).await?;
+        info!("endpoint deleted");
+        Ok(())
+    }
+
+    /// Removes an endpoint's kernel state and record. The record goes even when the
+    /// kernel refuses something: the reconciler removes leftover links and routes.
+    async fn remove_endpoint(&self, ep: &EndpointRecord) -> Result<(), DriverError> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.datapath.teardown_endpoint(&ep.spec()).await {
+            errors.push(DriverError::from(e));
+        }
+        if let Err(e) = self.local.delete(&keys::endpoint(&ep.id), None).await {
+            errors.push(e.into());
+        }
+        if let Err(e) = self.sync_locked().await {
+            errors.push(e);
+        }
+        first_error(errors)
+    }
+
+    #[instrument(skip_all, fields(network = %short(&req.network_id), endpoint = %short(&req.endpoint_id)))]
+    pub async fn join(&self, req: proto::JoinRequest) -> Result<proto::JoinResponse, DriverError> {
+        let _ops = self.ops.lock().await;
+        let network = self.network(&req.network_id).await?;
+        let key = keys::endpoint(&req.endpoint_id);
+        let rec = self
+            .local
+            .get_json::<EndpointRecord>(&key)
+            .await?
+            .ok_or_else(|| {
+                DriverError::NotFound(format!("endpoint {} not found", short(&req.endpoint_id)))
+            })?;
+        let mut ep = rec.value;
+        // Repairs a pair lost while weft was down; never touches the sandbox (it may not exist yet).
+        self.datapath.setup_endpoint(&ep.spec()).await?;
+        if !ep.joined {
+            ep.joined = true;
+            if self
+                .local
+                .update_json(&key, rec.revision, &ep)
+                .await?
+                .is_none()
+            {
+                return Err(StoreError::Contended(key).into());
+            }
+        }
+        let gateway = network.gateway.filter(|_| !network.internal);
+        info!(link = %ep.container_if, "endpoint joined");
+        Ok(proto::JoinResponse {
+            interface_name: proto::InterfaceName {
+                src_name: ep.container_if,
+                dst_prefix: "eth".into(),
+            },
+            gateway: gateway.map(|g| g.to_string()).unwrap_or_default(),
+            static_routes: Vec::new(),
+            // Without a default route from us, Docker would attach docker_gwbridge.
+            disable_gateway_service: gateway.is_none(),
+        })
+    }
+
+    #[instrument(skip_all, fields(network = %short(network_id), endpoint = %short(endpoint_id)))]
+    pub async fn leave(&self, network_id: &str, endpoint_id: &str) -> Result<(), DriverError> {
+        let _ops = self.ops.lock().await;
+        let key = keys::endpoint(endpoint_id);
+        self.local
+            .modify_json::<EndpointRecord, DriverError, _>(&key, |current| {
+                Ok(current.map(|mut ep| {
+                    ep.joined = false;
+                    ep
+                }))
+            })
+            .await?;
+        info!("endpoint left");
+        Ok(())
+    }
+
+    async fn network(&self, id: &str) -> Result<NetworkRecord, DriverError> {
+        self.local
+            .get_json::<NetworkRecord>(&keys::network(id))
+            .await?
+            .map(|r| r.value)
+            .ok_or_else(|| DriverError::NotFound(format!("network {} not found", short(id))))
+    }
+
+    pub async fn networks(&self) -> Result<Vec<NetworkRecord>, DriverError> {
+        Ok(self
+            .local
+            .list_json::<NetworkRecord>(keys::NETWORKS)
+            .await?
+            .into_iter()
+            .map(|(_, r)| r.value)
+            .collect())
+    }
+
+    pub async fn endpoints(&self) -> Result<Vec<EndpointRecord>, DriverError> {
+        Ok(self
+            .local
+            .list_json::<EndpointRecord>(keys::ENDPOINTS)
+            .await?
+            .into_iter()
+            .map(|(_, r)| r.value)
+            .collect())
+    }
+
+    async fn desired(&self) -> Result<DesiredState, DriverError> {
+        let networks = self.networks().await?;
+        let endpoints = self.endpoints().await?;
+        Ok(DesiredState {
+            networks: networks
+                .iter()
+                .map(|n| NetworkSpec {
+                    subnet: n.subnet,
+                    gateway: n.gateway,
+                    internal: n.internal,
+                })
+                .collect(),
+            endpoints: endpoints.iter().map(EndpointRecord::spec).collect(),
+        })
+    }
+
+    async fn sync_locked(&self) -> Result<(), DriverError> {
+        let desired = self.desired().await?;
+        Ok(self.datapath.sync(&desired).await?)
+    }
+
+    /// Brings the kernel in line with the store: repairs what is missing, forgets
+    /// endpoints whose container is gone, removes what no endpoint owns. Runs at start
+    /// and on a timer. Addresses are left to IPAM: Docker releases them itself.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, DriverError> {
+        let _ops = self.ops.lock().await;
+        let mut report = ReconcileReport::default();
+        let mut errors = Vec::new();
+        let networks = self.networks().await?;
+        for ep in self.endpoints().await? {
+            let network_known = networks.iter().any(|n| n.id == ep.network_id);
+            let container_gone = ep.joined && !self.datapath.host_link_exists(&ep.host_if).await?;
+            if !network_known || container_gone {
+                info!(endpoint = %short(&ep.id), network_known, container_gone, "forgetting stale endpoint");
+                if let Err(e) = self.datapath.teardown_endpoint(&ep.spec()).await {
+                    errors.push(DriverError::from(e));
+                }
+                self.local.delete(&keys::endpoint(&ep.id), None).await?;
+                report.stale_endpoints += 1;
+            } else if let Err(e) = self.datapath.setup_endpoint(&ep.spec()).await {
+                errors.push(e.into());
+            }
+        }
+        let endpoints = self.endpoints().await?;
+        for link in self.datapath.endpoint_links().await? {
+            let owned = endpoints
+                .iter()
+                .any(|e| e.host_if == link || e.container_if == link);
+            if !owned {
+                info!(%link, "removing link that no endpoint owns");
+                match self.datapath.delete_link(&link).await {
+                    Ok(()) | Err(DatapathError::NotFound { .. }) => report.orphan_links += 1,
+                    Err(e) => errors.push(e.into()),
+                }
+            }
+        }
+        if let Err(e) = self.sync_locked().await {
+            errors.push(e);
+        }
+        first_error(errors).map(|()| report)
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub stale_endpoints: usize,
+    pub orphan_links: usize,
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), DriverError> {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(DriverError::Invalid(format!(
+            "{what} {id:?} is not a valid ID"
+        )));
+    }
+    Ok(())
+}
+
+fn parse_cidr(what: &str, s: &str) -> Result<Ipv4Network, DriverError> {
+    s.parse()
+        .map_err(|_| DriverError::Invalid(format!("{what} {s:?} is not an IPv4 CIDR")))
+}
+
+fn first_error(errors: Vec<DriverError>) -> Result<(), DriverError> {
+    let mut iter = errors.into_iter();
+    match iter.next() {
+        None => Ok(()),
+        Some(first) => {
+            for rest in iter {
+                warn!(error = %rest, "further teardown error");
+            }
+            Err(first)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,148 @@
+//! The `-o` options of `docker network create` that weft understands.
+
+use crate::protocol::OptionsMap;
+
+use super::DriverError;
+
+pub const MTU_DOCKER: &str = "com.docker.network.driver.mtu";
+pub const MTU_WEFT: &str = "weft.mtu";
+pub const NETWORK_NAME: &str = "weft.network";
+const GENERIC: &str = "com.docker.network.generic";
+const INTERNAL: &str = "com.docker.network.internal";
+const ENABLE_IPV6: &str = "com.docker.network.enable_ipv6";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkOptions {
+    pub mtu: Option<u32>,
+    pub name: Option<String>,
+    pub internal: bool,
+    pub ipv6: bool,
+}
+
+/// Docker sends booleans as JSON booleans, but be lenient with strings.
+fn truthy(v: Option<&serde_json::Value>) -> bool {
+    match v {
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(serde_json::Value::String(s)) => s == "true" || s == "1",
+        _ => false,
+    }
+}
+
+fn parse_mtu(key: &str, v: &str) -> Result<u32, DriverError> {
+    match v.trim().parse::<u32>() {
+        Ok(m) if (576..=65535).contains(&m) => Ok(m),
+        _ => Err(DriverError::Invalid(format!(
+            "-o {key}={v:?}: expected an MTU from 576 to 65535"
+        ))),
+    }
+}
+
+impl NetworkOptions {
+    pub fn parse(options: &OptionsMap) -> Result<Self, DriverError> {
+        let mut out = NetworkOptions {
+            internal: truthy(options.get(INTERNAL)),
+            ipv6: truthy(options.get(ENABLE_IPV6)),
+            ..Default::default()
+        };
+        let generic = match options.get(GENERIC) {
+            None | Some(serde_json::Value::Null) => return Ok(out),
+            Some(serde_json::Value::Object(m)) => m,
+            Some(_) => return Err(DriverError::Invalid(format!("{GENERIC} must be an object"))),
+        };
+        let mut mtus = Vec::new();
+        for (key, value) in generic {
+            let text = match value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            match key.as_str() {
+                MTU_DOCKER | MTU_WEFT => mtus.push((key.as_str(), parse_mtu(key, &text)?)),
+                NETWORK_NAME => {
+                    let ok = !text.is_empty()
+                        && text.len() <= 64
+                        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                    if !ok {
+                        return Err(DriverError::Invalid(format!(
+                            "-o {NETWORK_NAME}={text:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+                        )));
+                    }
+                    out.name = Some(text);
+                }
+                k if k.starts_with("weft.") => {
+                    return Err(DriverError::Invalid(format!(
+                        "unknown option -o {k} (weft knows {MTU_WEFT}, {MTU_DOCKER} and {NETWORK_NAME})"
+                    )))
+                }
+                // Options meant for other tools (or daemon-wide defaults) are not ours to refuse.
+                _ => {}
+            }
+        }
+        if let [(k1, m1), (k2, m2)] = mtus.as_slice() {
+            if m1 != m2 {
+                return Err(DriverError::Invalid(format!(
+                    "-o {k1}={m1} and -o {k2}={m2} disagree"
+                )));
+            }
+        }
+        out.mtu = mtus.first().map(|(_, m)| *m);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn opts(v: serde_json::Value) -> OptionsMap {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn reads_mtu_name_internal_and_ipv6() {
+        let o = NetworkOptions::parse(&opts(json!({
+            "com.docker.network.enable_ipv6": false,
+            "com.docker.network.internal": true,
+            "com.docker.network.generic": {"weft.mtu": "1400", "com.docker.network.driver.mtu": "1400", "weft.network": "blue", "other": "x"}
+        })))
+        .unwrap();
+        assert_eq!(
+            o,
+            NetworkOptions {
+                mtu: Some(1400),
+                name: Some("blue".into()),
+                internal: true,
+                ipv6: false
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_and_conflicting_values() {
+        for bad in [
+            json!({"com.docker.network.generic": {"weft.mtu": "12"}}),
+            json!({"com.docker.network.generic": {"weft.mtu": "abc"}}),
+            json!({"com.docker.network.generic": {"weft.mtu": "1400", "com.docker.network.driver.mtu": "1300"}}),
+            json!({"com.docker.network.generic": {"weft.nope": "1"}}),
+            json!({"com.docker.network.generic": {"weft.network": "has space"}}),
+            json!({"com.docker.network.generic": "string"}),
+        ] {
+            assert!(
+                NetworkOptions::parse(&opts(bad.clone())).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_or_null_generic_is_fine() {
+        assert_eq!(
+            NetworkOptions::parse(&OptionsMap::new()).unwrap(),
+            NetworkOptions::default()
+        );
+        assert_eq!(
+            NetworkOptions::parse(&opts(json!({"com.docker.network.generic": null}))).unwrap(),
+            NetworkOptions::default()
+        );
+    }
+}

@@ -1,0 +1,15 @@
+//! weft: a Docker network driver and IPAM driver.
+//!
+//! `api` decodes dockerd's requests and calls the `driver` and `ipam` services;
+//! those keep their state in a `store` and program the kernel through a `datapath`.
+//! Each outside system sits behind a trait with a fake, injected at construction.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod driver;
+pub mod ipam;
+pub mod protocol;
+pub mod store;
+pub mod telemetry;

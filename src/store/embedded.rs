@@ -1,0 +1,280 @@
+//! The embedded store: one JSON file under the state directory.
+//!
+//! Every accepted change is written to a temporary file, fsynced and renamed over
+//! the old one (then the directory is fsynced) before the call returns, so a crash
+//! leaves either the old or the new state, never a torn file. One mutex serialises
+//! writers; that is plenty for one host's Docker traffic.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{Store, StoreError, Versioned};
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Entry {
+    revision: u64,
+    value: String,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Data {
+    /// Highest revision handed out; never reused, even after deletes.
+    revision: u64,
+    entries: BTreeMap<String, Entry>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: Option<PathBuf>,
+    data: Data,
+}
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+pub const STATE_FILE: &str = "state.json";
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `dir/state.json`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let path = dir.join(STATE_FILE);
+        let data = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                key: path.display().to_string(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Data::default(),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        Ok(Self::with(Some(path), data))
+    }
+
+    /// A store that lives only in memory (tests, fakes).
+    pub fn in_memory() -> Self {
+        Self::with(None, Data::default())
+    }
+
+    fn with(path: Option<PathBuf>, data: Data) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner { path, data })),
+        }
+    }
+
+    /// Runs `f` on the data under the lock; when it reports a change the new state is
+    /// made durable before the lock is released. A failed write rolls the change back.
+    async fn mutate<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Data) -> Result<(R, bool), StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = inner.lock().unwrap_or_else(|p| p.into_inner());
+            let before = guard.data.clone();
+            let (result, changed) = f(&mut guard.data)?;
+            if changed {
+                if let Some(path) = guard.path.clone() {
+                    if let Err(e) = persist(&path, &guard.data) {
+                        guard.data = before;
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(result)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&Data) -> R) -> R {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&guard.data)
+    }
+}
+
+fn persist(path: &Path, data: &Data) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec_pretty(data).expect("store data serialises");
+    let tmp = path.with_extension("json.tmp");
+    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.write_all(&bytes).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+fn text(key: &str, value: Vec<u8>) -> Result<String, StoreError> {
+    String::from_utf8(value).map_err(|_| StoreError::NotText {
+        key: key.to_string(),
+    })
+}
+
+fn versioned(e: &Entry) -> Versioned {
+    Versioned {
+        value: e.value.clone().into_bytes(),
+        revision: e.revision,
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        Ok(self.read(|d| d.entries.get(key).map(versioned)))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        Ok(self.read(|d| {
+            d.entries
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, e)| (k.clone(), versioned(e)))
+                .collect()
+        }))
+    }
+
+    async fn create(&self, key: &str, value: Vec<u8>) -> Result<Option<u64>, StoreError> {
+        let key = key.to_string();
+        let value = text(&key, value)?;
+        self.mutate(move |d| {
+            if d.entries.contains_key(&key) {
+                return Ok((None, false));
+            }
+            d.revision += 1;
+            let revision = d.revision;
+            d.entries.insert(key, Entry { revision, value });
+            Ok((Some(revision), true))
+        })
+        .await
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        expected: u64,
+        value: Vec<u8>,
+    ) -> Result<Option<u64>, StoreError> {
+        let key = key.to_string();
+        let value = text(&key, value)?;
+        self.mutate(move |d| {
+            let next = d.revision + 1;
+            match d.entries.get_mut(&key) {
+                Some(e) if e.revision == expected => {
+                    *e = Entry {
+                        revision: next,
+                        value,
+                    };
+                    d.revision = next;
+                    Ok((Some(next), true))
+                }
+                _ => Ok((None, false)),
+            }
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.mutate(move |d| {
+            let matches = match (d.entries.get(&key), expected) {
+                (Some(e), Some(rev)) => e.revision == rev,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if matches {
+                d.entries.remove(&key);
+                d.revision += 1;
+            }
+            Ok((matches, matches))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn in_memory_store_meets_the_contract() {
+        super::super::contract::run_all(|| async { EmbeddedStore::in_memory() }).await;
+    }
+
+    #[tokio::test]
+    async fn file_store_meets_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let counter = std::sync::atomic::AtomicUsize::new(0);
+        let base = dir.path().to_path_buf();
+        super::super::contract::run_all(|| {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let path = base.join(n.to_string());
+            async move { EmbeddedStore::open(&path).unwrap() }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn every_accepted_write_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let rev = store.create("a", b"1".to_vec()).await.unwrap().unwrap();
+        store.create("b", b"2".to_vec()).await.unwrap().unwrap();
+        store
+            .update("a", rev, b"3".to_vec())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.delete("b", None).await.unwrap());
+        drop(store);
+
+        let reopened = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.get("a").await.unwrap().unwrap().value, b"3");
+        assert!(reopened.get("b").await.unwrap().is_none());
+        // Revisions keep growing after a reopen: a new key never reuses an old revision.
+        let c = reopened.create("c", b"4".to_vec()).await.unwrap().unwrap();
+        assert!(c > rev + 1, "revision {c} reused after reopen");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_state_file_is_an_error_not_an_empty_store() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(STATE_FILE), b"{not json").unwrap();
+        assert!(matches!(
+            EmbeddedStore::open(dir.path()),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_leaves_memory_and_disk_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("s");
+        let store = EmbeddedStore::open(&sub).unwrap();
+        store.create("a", b"1".to_vec()).await.unwrap().unwrap();
+        // Make the directory unwritable by replacing it with a file.
+        fs::remove_dir_all(&sub).unwrap();
+        fs::write(&sub, b"").unwrap();
+        assert!(store.create("b", b"2".to_vec()).await.is_err());
+        assert!(store.get("b").await.unwrap().is_none());
+    }
+}
