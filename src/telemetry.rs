@@ -1,5 +1,7 @@
 //! tracing setup: an EnvFilter and a text or JSON formatter on stderr.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;

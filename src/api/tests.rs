@@ -24,8 +24,18 @@ struct Harness {
 fn harness() -> Harness {
     let store = Arc::new(EmbeddedStore::in_memory());
     let fake = Arc::new(FakeDatapath::new());
-    let driver = Arc::new(Driver::new(store.clone(), fake.clone(), DriverConfig::default()));
-    let ipam = Arc::new(Ipam::new(store.clone(), store.clone(), "h1".into(), fake.clone(), IpamConfig::default()));
+    let driver = Arc::new(Driver::new(
+        store.clone(),
+        fake.clone(),
+        DriverConfig::default(),
+    ));
+    let ipam = Arc::new(Ipam::new(
+        store.clone(),
+        store.clone(),
+        "h1".into(),
+        fake.clone(),
+        IpamConfig::default(),
+    ));
     Harness {
         app: router(AppState { driver, ipam }),
         store,
@@ -42,7 +52,8 @@ async fn call(app: &Router, method: &str, body: &str) -> (StatusCode, Value) {
     let resp = app.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = to_bytes(resp.into_body(), 1 << 20).await.unwrap();
-    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("{method}: reply is not JSON: {bytes:?}"));
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| panic!("{method}: reply is not JSON: {bytes:?}"));
     (status, value)
 }
 
@@ -54,7 +65,11 @@ async fn ok(app: &Router, method: &str, body: Value) -> Value {
 
 async fn fails(app: &Router, method: &str, body: &str) -> String {
     let (status, v) = call(app, method, body).await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{method} {body} -> {v}");
+    assert_eq!(
+        status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{method} {body} -> {v}"
+    );
     let err = v["Err"].as_str().unwrap_or_default().to_string();
     assert!(!err.is_empty(), "Err must be set: {v}");
     assert_eq!(v["Error"], v["Err"], "IPAM clients read Error");
@@ -64,19 +79,36 @@ async fn fails(app: &Router, method: &str, body: &str) -> String {
 #[tokio::test]
 async fn handshake_and_capabilities() {
     let h = harness();
-    assert_eq!(ok(&h.app, "Plugin.Activate", json!(null)).await, json!({"Implements": ["NetworkDriver", "IpamDriver"]}));
+    assert_eq!(
+        ok(&h.app, "Plugin.Activate", json!(null)).await,
+        json!({"Implements": ["NetworkDriver", "IpamDriver"]})
+    );
     let (_, caps) = call(&h.app, "NetworkDriver.GetCapabilities", "").await;
-    assert_eq!(caps, json!({"Scope": "local", "ConnectivityScope": "global", "GwAllocChecker": false}));
+    assert_eq!(
+        caps,
+        json!({"Scope": "local", "ConnectivityScope": "global", "GwAllocChecker": false})
+    );
     let (_, caps) = call(&h.app, "IpamDriver.GetCapabilities", "").await;
-    assert_eq!(caps, json!({"RequiresMACAddress": false, "RequiresRequestReplay": false}));
+    assert_eq!(
+        caps,
+        json!({"RequiresMACAddress": false, "RequiresRequestReplay": false})
+    );
     let (_, spaces) = call(&h.app, "IpamDriver.GetDefaultAddressSpaces", "").await;
-    assert_eq!(spaces, json!({"LocalDefaultAddressSpace": "weft-local", "GlobalDefaultAddressSpace": "weft-global"}));
+    assert_eq!(
+        spaces,
+        json!({"LocalDefaultAddressSpace": "weft-local", "GlobalDefaultAddressSpace": "weft-global"})
+    );
 }
 
 #[tokio::test]
 async fn unknown_methods_are_404() {
     let h = harness();
-    for m in ["NetworkDriver.FutureMethod", "VolumeDriver.List", "", "IpamDriver.RequestPool/extra"] {
+    for m in [
+        "NetworkDriver.FutureMethod",
+        "VolumeDriver.List",
+        "",
+        "IpamDriver.RequestPool/extra",
+    ] {
         let (status, v) = call(&h.app, m, "{}").await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{m}");
         assert!(v["Err"].is_string());
@@ -93,21 +125,48 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         ("NetworkDriver.CreateNetwork", "{\"NetworkID\": \"ab\""),
         ("NetworkDriver.CreateNetwork", "{}"),
         ("NetworkDriver.CreateNetwork", "[]"),
-        ("NetworkDriver.CreateNetwork", r#"{"NetworkID":"ab","IPv4Data":[{"Pool":"10.1.0.0/33"}]}"#),
-        ("NetworkDriver.CreateNetwork", r#"{"NetworkID":"ab","IPv4Data":[{"Pool":"10.1.0.0/16","Gateway":"x"}]}"#),
-        ("NetworkDriver.CreateNetwork", r#"{"NetworkID":"a b","IPv4Data":[{"Pool":"10.1.0.0/16"}]}"#),
-        ("NetworkDriver.CreateEndpoint", r#"{"NetworkID":"ab","EndpointID":"0123456789abcdef","Interface":{"Address":"10.1.0.2/16"}}"#),
-        ("NetworkDriver.Join", r#"{"NetworkID":"ab","EndpointID":"0123456789abcdef"}"#),
-        ("IpamDriver.RequestPool", r#"{"AddressSpace":"weft-local","Pool":"banana"}"#),
-        ("IpamDriver.RequestAddress", r#"{"PoolID":"weft-local/10.1.0.0/16"}"#),
+        (
+            "NetworkDriver.CreateNetwork",
+            r#"{"NetworkID":"ab","IPv4Data":[{"Pool":"10.1.0.0/33"}]}"#,
+        ),
+        (
+            "NetworkDriver.CreateNetwork",
+            r#"{"NetworkID":"ab","IPv4Data":[{"Pool":"10.1.0.0/16","Gateway":"x"}]}"#,
+        ),
+        (
+            "NetworkDriver.CreateNetwork",
+            r#"{"NetworkID":"a b","IPv4Data":[{"Pool":"10.1.0.0/16"}]}"#,
+        ),
+        (
+            "NetworkDriver.CreateEndpoint",
+            r#"{"NetworkID":"ab","EndpointID":"0123456789abcdef","Interface":{"Address":"10.1.0.2/16"}}"#,
+        ),
+        (
+            "NetworkDriver.Join",
+            r#"{"NetworkID":"ab","EndpointID":"0123456789abcdef"}"#,
+        ),
+        (
+            "IpamDriver.RequestPool",
+            r#"{"AddressSpace":"weft-local","Pool":"banana"}"#,
+        ),
+        (
+            "IpamDriver.RequestAddress",
+            r#"{"PoolID":"weft-local/10.1.0.0/16"}"#,
+        ),
         ("IpamDriver.RequestAddress", r#"{"PoolID":"nonsense"}"#),
-        ("IpamDriver.ReleaseAddress", r#"{"PoolID":"weft-local/10.1.0.0/16","Address":"x"}"#),
+        (
+            "IpamDriver.ReleaseAddress",
+            r#"{"PoolID":"weft-local/10.1.0.0/16","Address":"x"}"#,
+        ),
     ] {
         fails(&h.app, method, body).await;
     }
     let err = fails(&h.app, "IpamDriver.ReleasePool", "").await;
     assert!(err.contains("empty request body"), "{err}");
-    assert!(h.store.list("").await.unwrap().is_empty(), "bad input changed the store");
+    assert!(
+        h.store.list("").await.unwrap().is_empty(),
+        "bad input changed the store"
+    );
     assert!(h.fake.links().is_empty());
 }
 
@@ -116,21 +175,63 @@ async fn deletes_and_info_succeed_for_unknown_ids_and_when_repeated() {
     let h = harness();
     let ids = json!({"NetworkID": "ab", "EndpointID": "cd"});
     for _ in 0..2 {
-        ok(&h.app, "NetworkDriver.DeleteNetwork", json!({"NetworkID": "ab"})).await;
+        ok(
+            &h.app,
+            "NetworkDriver.DeleteNetwork",
+            json!({"NetworkID": "ab"}),
+        )
+        .await;
         ok(&h.app, "NetworkDriver.DeleteEndpoint", ids.clone()).await;
         ok(&h.app, "NetworkDriver.Leave", ids.clone()).await;
-        ok(&h.app, "NetworkDriver.RevokeExternalConnectivity", ids.clone()).await;
-        ok(&h.app, "NetworkDriver.FreeNetwork", json!({"NetworkID": "ab"})).await;
+        ok(
+            &h.app,
+            "NetworkDriver.RevokeExternalConnectivity",
+            ids.clone(),
+        )
+        .await;
+        ok(
+            &h.app,
+            "NetworkDriver.FreeNetwork",
+            json!({"NetworkID": "ab"}),
+        )
+        .await;
         ok(&h.app, "NetworkDriver.DiscoverDelete", json!({"DiscoveryType": 1, "DiscoveryData": {"Address": "192.0.2.1", "BindAddress": "0.0.0.0", "Self": true}})).await;
-        ok(&h.app, "IpamDriver.ReleasePool", json!({"PoolID": "weft-local/10.9.0.0/16"})).await;
-        ok(&h.app, "IpamDriver.ReleaseAddress", json!({"PoolID": "weft-local/10.9.0.0/16", "Address": "10.9.0.5"})).await;
+        ok(
+            &h.app,
+            "IpamDriver.ReleasePool",
+            json!({"PoolID": "weft-local/10.9.0.0/16"}),
+        )
+        .await;
+        ok(
+            &h.app,
+            "IpamDriver.ReleaseAddress",
+            json!({"PoolID": "weft-local/10.9.0.0/16", "Address": "10.9.0.5"}),
+        )
+        .await;
     }
-    assert_eq!(ok(&h.app, "NetworkDriver.EndpointOperInfo", ids).await, json!({"Value": {}}));
+    assert_eq!(
+        ok(&h.app, "NetworkDriver.EndpointOperInfo", ids).await,
+        json!({"Value": {}})
+    );
     let pec = json!({"NetworkID": "ab", "EndpointID": "cd", "Options": {"com.docker.network.driver.private.no_proxy_6to4": true}});
-    assert_eq!(ok(&h.app, "NetworkDriver.ProgramExternalConnectivity", pec).await, json!({}));
+    assert_eq!(
+        ok(&h.app, "NetworkDriver.ProgramExternalConnectivity", pec).await,
+        json!({})
+    );
     let alloc = json!({"NetworkID": "ab", "Options": {"a": "b"}, "IPv4Data": [], "IPv6Data": null});
-    assert_eq!(ok(&h.app, "NetworkDriver.AllocateNetwork", alloc).await, json!({"Options": {"a": "b"}}));
-    assert_eq!(ok(&h.app, "NetworkDriver.GwAllocCheck", json!({"Options": null})).await, json!({"SkipIPv4": false, "SkipIPv6": false}));
+    assert_eq!(
+        ok(&h.app, "NetworkDriver.AllocateNetwork", alloc).await,
+        json!({"Options": {"a": "b"}})
+    );
+    assert_eq!(
+        ok(
+            &h.app,
+            "NetworkDriver.GwAllocCheck",
+            json!({"Options": null})
+        )
+        .await,
+        json!({"SkipIPv4": false, "SkipIPv6": false})
+    );
 }
 
 #[tokio::test]
@@ -142,7 +243,14 @@ async fn concurrent_address_requests_never_share_an_address() {
         .map(|_| {
             let app = h.app.clone();
             let id = id.clone();
-            tokio::spawn(async move { ok(&app, "IpamDriver.RequestAddress", json!({"PoolID": id, "Address": "", "Options": null})).await })
+            tokio::spawn(async move {
+                ok(
+                    &app,
+                    "IpamDriver.RequestAddress",
+                    json!({"PoolID": id, "Address": "", "Options": null}),
+                )
+                .await
+            })
         })
         .collect();
     let mut seen = std::collections::BTreeSet::new();
@@ -172,20 +280,30 @@ impl Translator {
         if let Some(p) = self.pools.get(recorded) {
             return p.clone();
         }
-        let auto = self.automatic.take().expect("a recorded PoolID with no matching pool");
+        let auto = self
+            .automatic
+            .take()
+            .expect("a recorded PoolID with no matching pool");
         self.pools.insert(recorded.to_string(), auto.clone());
         auto
     }
 
     fn address(&self, ip: &str) -> String {
-        self.addresses.get(ip).cloned().unwrap_or_else(|| ip.to_string())
+        self.addresses
+            .get(ip)
+            .cloned()
+            .unwrap_or_else(|| ip.to_string())
     }
 
     fn request(&mut self, method: &str, body: &mut Value) {
         if let Some(s) = body.get_mut("AddressSpace") {
             *s = json!(self.space);
         }
-        if let Some(id) = body.get("PoolID").and_then(Value::as_str).map(str::to_string) {
+        if let Some(id) = body
+            .get("PoolID")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+        {
             body["PoolID"] = json!(self.pool(&id).0);
             if method == "IpamDriver.ReleaseAddress" {
                 let ip = body["Address"].as_str().unwrap().to_string();
@@ -198,25 +316,47 @@ impl Translator {
                 let (id, cidr) = self.pool(&recorded);
                 d["Pool"] = json!(cidr);
                 d["AddressSpace"] = json!(self.space);
-                let recorded_gw = d["Gateway"].as_str().unwrap().split('/').next().unwrap().to_string();
+                let recorded_gw = d["Gateway"]
+                    .as_str()
+                    .unwrap()
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .to_string();
                 let ours = self.gateways[&id].clone();
                 d["Gateway"] = json!(ours);
-                self.addresses.insert(recorded_gw, ours.split('/').next().unwrap().to_string());
+                self.addresses
+                    .insert(recorded_gw, ours.split('/').next().unwrap().to_string());
             }
         }
         if method == "NetworkDriver.CreateEndpoint" {
-            let recorded = body["Interface"]["Address"].as_str().unwrap().split('/').next().unwrap().to_string();
-            let ours_cidr = self.pending_address.take().expect("CreateEndpoint follows RequestAddress");
-            self.addresses.insert(recorded, ours_cidr.split('/').next().unwrap().to_string());
+            let recorded = body["Interface"]["Address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_string();
+            let ours_cidr = self
+                .pending_address
+                .take()
+                .expect("CreateEndpoint follows RequestAddress");
+            self.addresses
+                .insert(recorded, ours_cidr.split('/').next().unwrap().to_string());
             body["Interface"]["Address"] = json!(ours_cidr);
         }
     }
 
     fn response(&mut self, method: &str, request: &Value, reply: &Value) {
         match method {
-            "IpamDriver.GetDefaultAddressSpaces" => self.space = reply["LocalDefaultAddressSpace"].as_str().unwrap().into(),
+            "IpamDriver.GetDefaultAddressSpaces" => {
+                self.space = reply["LocalDefaultAddressSpace"].as_str().unwrap().into()
+            }
             "IpamDriver.RequestPool" => {
-                let ours = (reply["PoolID"].as_str().unwrap().to_string(), reply["Pool"].as_str().unwrap().to_string());
+                let ours = (
+                    reply["PoolID"].as_str().unwrap().to_string(),
+                    reply["Pool"].as_str().unwrap().to_string(),
+                );
                 match request["Pool"].as_str().unwrap() {
                     "" => self.automatic = Some(ours),
                     p => {
@@ -227,7 +367,8 @@ impl Translator {
             "IpamDriver.RequestAddress" => {
                 let addr = reply["Address"].as_str().unwrap().to_string();
                 if request["Options"]["RequestAddressType"] == json!("com.docker.network.gateway") {
-                    self.gateways.insert(request["PoolID"].as_str().unwrap().to_string(), addr);
+                    self.gateways
+                        .insert(request["PoolID"].as_str().unwrap().to_string(), addr);
                 } else {
                     self.pending_address = Some(addr);
                 }
@@ -257,7 +398,11 @@ async fn replay(fixture: &str) {
         let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         t.response(method, &request, &reply);
         match method {
-            "NetworkDriver.CreateEndpoint" => assert_eq!(reply, json!({}), "CreateEndpoint must not echo the interface"),
+            "NetworkDriver.CreateEndpoint" => assert_eq!(
+                reply,
+                json!({}),
+                "CreateEndpoint must not echo the interface"
+            ),
             "NetworkDriver.Join" => joins.push(reply),
             _ => {}
         }
@@ -269,7 +414,10 @@ async fn replay(fixture: &str) {
         assert_eq!(j["InterfaceName"]["DstPrefix"], "eth");
         match j.get("Gateway").and_then(Value::as_str) {
             Some(g) => {
-                assert!(g.parse::<std::net::Ipv4Addr>().is_ok(), "Gateway must be a plain IP: {j}");
+                assert!(
+                    g.parse::<std::net::Ipv4Addr>().is_ok(),
+                    "Gateway must be a plain IP: {j}"
+                );
                 assert_eq!(j["DisableGatewayService"], false);
             }
             None => assert_eq!(j["DisableGatewayService"], true, "{j}"),
@@ -278,19 +426,33 @@ async fn replay(fixture: &str) {
     // The internal network's joins carry no gateway.
     assert!(joins.iter().any(|j| j.get("Gateway").is_none()));
     // The whole lifecycle leaves nothing behind.
-    assert!(h.store.list("").await.unwrap().is_empty(), "store left: {:?}", h.store.list("").await.unwrap());
-    assert!(h.fake.links().is_empty(), "links left: {:?}", h.fake.links());
+    assert!(
+        h.store.list("").await.unwrap().is_empty(),
+        "store left: {:?}",
+        h.store.list("").await.unwrap()
+    );
+    assert!(
+        h.fake.links().is_empty(),
+        "links left: {:?}",
+        h.fake.links()
+    );
     assert_eq!(h.fake.with(|s| s.synced.clone()), Default::default());
 }
 
 #[tokio::test]
 async fn replays_the_dockerd_20_10_lifecycle() {
-    replay(include_str!("../../tests/fixtures/dockerd-20.10.24-lifecycle.jsonl")).await;
+    replay(include_str!(
+        "../../tests/fixtures/dockerd-20.10.24-lifecycle.jsonl"
+    ))
+    .await;
 }
 
 #[tokio::test]
 async fn replays_the_dockerd_26_1_lifecycle() {
-    replay(include_str!("../../tests/fixtures/dockerd-26.1.5-lifecycle.jsonl")).await;
+    replay(include_str!(
+        "../../tests/fixtures/dockerd-26.1.5-lifecycle.jsonl"
+    ))
+    .await;
 }
 
 mod fuzz {
@@ -298,29 +460,63 @@ mod fuzz {
     use proptest::prelude::*;
 
     const METHODS: &[&str] = &[
-        "NetworkDriver.CreateNetwork", "NetworkDriver.DeleteNetwork", "NetworkDriver.CreateEndpoint",
-        "NetworkDriver.DeleteEndpoint", "NetworkDriver.EndpointOperInfo", "NetworkDriver.Join", "NetworkDriver.Leave",
-        "NetworkDriver.ProgramExternalConnectivity", "NetworkDriver.RevokeExternalConnectivity",
-        "NetworkDriver.AllocateNetwork", "NetworkDriver.DiscoverNew", "IpamDriver.RequestPool",
-        "IpamDriver.ReleasePool", "IpamDriver.RequestAddress", "IpamDriver.ReleaseAddress",
+        "NetworkDriver.CreateNetwork",
+        "NetworkDriver.DeleteNetwork",
+        "NetworkDriver.CreateEndpoint",
+        "NetworkDriver.DeleteEndpoint",
+        "NetworkDriver.EndpointOperInfo",
+        "NetworkDriver.Join",
+        "NetworkDriver.Leave",
+        "NetworkDriver.ProgramExternalConnectivity",
+        "NetworkDriver.RevokeExternalConnectivity",
+        "NetworkDriver.AllocateNetwork",
+        "NetworkDriver.DiscoverNew",
+        "IpamDriver.RequestPool",
+        "IpamDriver.ReleasePool",
+        "IpamDriver.RequestAddress",
+        "IpamDriver.ReleaseAddress",
     ];
 
     fn json_ish() -> impl Strategy<Value = String> {
         let leaf = prop_oneof![
-            Just("null".to_string()), Just("\"\"".to_string()), Just("\"10.1.0.0/16\"".to_string()),
-            Just("\"10.1.0.300\"".to_string()), Just("\"0123456789abcdef0123\"".to_string()), Just("true".to_string()),
-            any::<i64>().prop_map(|n| n.to_string()), "\"[a-zA-Z0-9./:_ -]{0,24}\"",
+            Just("null".to_string()),
+            Just("\"\"".to_string()),
+            Just("\"10.1.0.0/16\"".to_string()),
+            Just("\"10.1.0.300\"".to_string()),
+            Just("\"0123456789abcdef0123\"".to_string()),
+            Just("true".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            "\"[a-zA-Z0-9./:_ -]{0,24}\"",
         ];
         let keys = prop_oneof![
-            Just("NetworkID"), Just("EndpointID"), Just("Interface"), Just("Address"), Just("Options"),
-            Just("IPv4Data"), Just("Pool"), Just("PoolID"), Just("SubPool"), Just("Gateway"), Just("AddressSpace"),
-            Just("com.docker.network.generic"), Just("RequestAddressType"), Just("V6"), Just("AuxAddresses"),
+            Just("NetworkID"),
+            Just("EndpointID"),
+            Just("Interface"),
+            Just("Address"),
+            Just("Options"),
+            Just("IPv4Data"),
+            Just("Pool"),
+            Just("PoolID"),
+            Just("SubPool"),
+            Just("Gateway"),
+            Just("AddressSpace"),
+            Just("com.docker.network.generic"),
+            Just("RequestAddressType"),
+            Just("V6"),
+            Just("AuxAddresses"),
         ];
         leaf.prop_recursive(3, 24, 6, move |inner| {
             prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
                 proptest::collection::vec((keys.clone(), inner), 0..6).prop_map(|kv| {
-                    format!("{{{}}}", kv.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(","))
+                    format!(
+                        "{{{}}}",
+                        kv.iter()
+                            .map(|(k, v)| format!("\"{k}\":{v}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
                 }),
             ]
         })

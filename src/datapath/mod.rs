@@ -18,7 +18,8 @@ use ipnetwork::Ipv4Network;
 pub const HOST_IF_PREFIX: &str = "wfh";
 /// Name prefix of the container end (renamed by Docker once it is moved).
 pub const CONTAINER_IF_PREFIX: &str = "wfc";
-/// Dummy link holding every network's gateway address (the anycast gateway).
+/// Link holding every network's gateway address (the anycast gateway): a bridge
+/// with no ports, since not every kernel has the dummy driver.
 pub const GATEWAY_LINK: &str = "weft-gw";
 
 /// What the kernel should have for one endpoint.

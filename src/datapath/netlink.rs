@@ -12,7 +12,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use rtnetlink::{Handle, LinkDummy, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tracing::{debug, info, warn};
 
 use super::sysctl::Sysctl;
@@ -237,7 +237,7 @@ impl NetlinkDatapath {
                 let add = self
                     .handle
                     .link()
-                    .add(LinkDummy::new(GATEWAY_LINK).up().build())
+                    .add(LinkBridge::new(GATEWAY_LINK).up().build())
                     .execute()
                     .await;
                 match add.map_err(|e| classify(format!("create {GATEWAY_LINK}"), e)) {

@@ -12,11 +12,21 @@ const EP: &str = "9ab1c2d3e4f500000000000000000000000000000000000000000000000000
 fn setup() -> (Driver, Arc<FakeDatapath>, Arc<EmbeddedStore>) {
     let store = Arc::new(EmbeddedStore::in_memory());
     let fake = Arc::new(FakeDatapath::new());
-    (Driver::new(store.clone(), fake.clone(), DriverConfig::default()), fake, store)
+    (
+        Driver::new(store.clone(), fake.clone(), DriverConfig::default()),
+        fake,
+        store,
+    )
 }
 
-fn create_req(id: &str, subnet: &str, generic: serde_json::Value, internal: bool) -> proto::CreateNetworkRequest {
-    let mut options = json!({"com.docker.network.enable_ipv6": false, "com.docker.network.generic": generic});
+fn create_req(
+    id: &str,
+    subnet: &str,
+    generic: serde_json::Value,
+    internal: bool,
+) -> proto::CreateNetworkRequest {
+    let mut options =
+        json!({"com.docker.network.enable_ipv6": false, "com.docker.network.generic": generic});
     if internal {
         options["com.docker.network.internal"] = json!(true);
     }
@@ -41,29 +51,62 @@ fn join_req(net: &str, ep: &str) -> proto::JoinRequest {
 async fn mtu_is_derived_from_the_underlay_or_taken_from_options() {
     let (d, fake, _) = setup();
     fake.with(|s| s.underlay_mtu = 9000);
-    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false)).await.unwrap();
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
     assert_eq!(d.networks().await.unwrap()[0].mtu, 8920);
     let other = NET.replace("01", "02");
-    d.create_network(create_req(&other, "10.43.0.0/16", json!({"weft.mtu": "1300"}), false)).await.unwrap();
+    d.create_network(create_req(
+        &other,
+        "10.43.0.0/16",
+        json!({"weft.mtu": "1300"}),
+        false,
+    ))
+    .await
+    .unwrap();
     assert_eq!(d.network(&other).await.unwrap().mtu, 1300);
 }
 
 #[tokio::test]
 async fn create_network_is_idempotent_and_refuses_conflicts() {
     let (d, _, _) = setup();
-    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false)).await.unwrap();
-    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false)).await.unwrap();
-    let err = d.create_network(create_req(NET, "10.42.0.0/16", json!({"weft.mtu": "1300"}), false)).await.unwrap_err();
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
+    let err = d
+        .create_network(create_req(
+            NET,
+            "10.42.0.0/16",
+            json!({"weft.mtu": "1300"}),
+            false,
+        ))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("different settings"), "{err}");
-    let err = d.create_network(create_req(&NET.replace("01", "02"), "10.42.0.0/16", json!({}), false)).await.unwrap_err();
+    let err = d
+        .create_network(create_req(
+            &NET.replace("01", "02"),
+            "10.42.0.0/16",
+            json!({}),
+            false,
+        ))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("overlaps"), "{err}");
 }
 
 #[tokio::test]
 async fn internal_networks_give_no_gateway_and_disable_the_gateway_service() {
     let (d, fake, _) = setup();
-    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), true)).await.unwrap();
-    d.create_endpoint(endpoint_req(NET, EP, "10.42.0.2/16")).await.unwrap();
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), true))
+        .await
+        .unwrap();
+    d.create_endpoint(endpoint_req(NET, EP, "10.42.0.2/16"))
+        .await
+        .unwrap();
     let r = d.join(join_req(NET, EP)).await.unwrap();
     assert_eq!(r.gateway, "");
     assert!(r.disable_gateway_service);
@@ -73,16 +116,30 @@ async fn internal_networks_give_no_gateway_and_disable_the_gateway_service() {
 #[tokio::test]
 async fn join_returns_the_container_link_and_a_plain_gateway() {
     let (d, fake, store) = setup();
-    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false)).await.unwrap();
-    let resp = d.create_endpoint(endpoint_req(NET, EP, "10.42.0.2/16")).await.unwrap();
-    assert_eq!(resp, proto::CreateEndpointResponse::default(), "nothing Docker set is echoed");
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
+    let resp = d
+        .create_endpoint(endpoint_req(NET, EP, "10.42.0.2/16"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp,
+        proto::CreateEndpointResponse::default(),
+        "nothing Docker set is echoed"
+    );
     assert!(fake.links().contains("wfh9ab1c2d3e4f5"));
     let r = d.join(join_req(NET, EP)).await.unwrap();
     assert_eq!(r.interface_name.src_name, "wfc9ab1c2d3e4f5");
     assert_eq!(r.interface_name.dst_prefix, "eth");
     assert_eq!(r.gateway, "10.42.0.1");
     assert!(!r.disable_gateway_service);
-    let ep = store.get_json::<EndpointRecord>(&keys::endpoint(EP)).await.unwrap().unwrap().value;
+    let ep = store
+        .get_json::<EndpointRecord>(&keys::endpoint(EP))
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
     assert!(ep.joined, "join is persisted");
     d.leave(NET, EP).await.unwrap();
     d.leave(NET, EP).await.unwrap();
@@ -98,14 +155,22 @@ async fn join_returns_the_container_link_and_a_plain_gateway() {
 #[tokio::test]
 async fn failed_endpoint_setup_rolls_back_everything() {
     let (d, fake, store) = setup();
-    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false)).await.unwrap();
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
     fake.with(|s| s.fail_sync = true);
-    assert!(d.create_endpoint(endpoint_req(NET, EP, "10.42.0.2/16")).await.is_err());
+    assert!(d
+        .create_endpoint(endpoint_req(NET, EP, "10.42.0.2/16"))
+        .await
+        .is_err());
     fake.with(|s| s.fail_sync = false);
     assert!(fake.links().is_empty(), "links left: {:?}", fake.links());
     assert!(store.list(keys::ENDPOINTS).await.unwrap().is_empty());
     fake.with(|s| s.fail_setup = true);
-    assert!(d.create_endpoint(endpoint_req(NET, EP, "10.42.0.2/16")).await.is_err());
+    assert!(d
+        .create_endpoint(endpoint_req(NET, EP, "10.42.0.2/16"))
+        .await
+        .is_err());
     assert!(store.list(keys::ENDPOINTS).await.unwrap().is_empty());
 }
 
@@ -113,38 +178,78 @@ async fn failed_endpoint_setup_rolls_back_everything() {
 async fn failed_network_sync_rolls_back_the_record() {
     let (d, fake, store) = setup();
     fake.with(|s| s.fail_sync = true);
-    assert!(d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false)).await.is_err());
+    assert!(d
+        .create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .is_err());
     assert!(store.list(keys::NETWORKS).await.unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn create_endpoint_validates_its_input() {
     let (d, _, _) = setup();
-    assert!(matches!(d.create_endpoint(endpoint_req(NET, EP, "10.42.0.2/16")).await, Err(DriverError::NotFound(_))));
-    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false)).await.unwrap();
-    for (ep, addr) in [(EP, ""), (EP, "10.99.0.2/16"), (EP, "garbage"), ("not-hex-at-all!", "10.42.0.2/16")] {
-        assert!(d.create_endpoint(endpoint_req(NET, ep, addr)).await.is_err(), "{ep} {addr}");
+    assert!(matches!(
+        d.create_endpoint(endpoint_req(NET, EP, "10.42.0.2/16"))
+            .await,
+        Err(DriverError::NotFound(_))
+    ));
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
+    for (ep, addr) in [
+        (EP, ""),
+        (EP, "10.99.0.2/16"),
+        (EP, "garbage"),
+        ("not-hex-at-all!", "10.42.0.2/16"),
+    ] {
+        assert!(
+            d.create_endpoint(endpoint_req(NET, ep, addr))
+                .await
+                .is_err(),
+            "{ep} {addr}"
+        );
     }
 }
 
 #[tokio::test]
 async fn reconcile_forgets_dead_containers_repairs_links_and_removes_orphans() {
     let (d, fake, store) = setup();
-    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false)).await.unwrap();
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
     let joined = EP;
     let unjoined = "0123456789ab0000000000000000000000000000000000000000000000000000";
-    d.create_endpoint(endpoint_req(NET, joined, "10.42.0.2/16")).await.unwrap();
-    d.create_endpoint(endpoint_req(NET, unjoined, "10.42.0.3/16")).await.unwrap();
+    d.create_endpoint(endpoint_req(NET, joined, "10.42.0.2/16"))
+        .await
+        .unwrap();
+    d.create_endpoint(endpoint_req(NET, unjoined, "10.42.0.3/16"))
+        .await
+        .unwrap();
     d.join(join_req(NET, joined)).await.unwrap();
     // The joined container died with dockerd; the unjoined pair vanished; a stray link appeared.
     fake.destroy_pair("wfh9ab1c2d3e4f5", "wfc9ab1c2d3e4f5");
     fake.destroy_pair("wfh0123456789ab", "wfc0123456789ab");
     fake.with(|s| s.links.insert("wfhdeadbeef0000".into()));
     let report = d.reconcile().await.unwrap();
-    assert_eq!(report, ReconcileReport { stale_endpoints: 1, orphan_links: 1 });
-    let left: Vec<_> = d.endpoints().await.unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(
+        report,
+        ReconcileReport {
+            stale_endpoints: 1,
+            orphan_links: 1
+        }
+    );
+    let left: Vec<_> = d
+        .endpoints()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
     assert_eq!(left, vec![unjoined.to_string()]);
-    assert!(fake.links().contains("wfh0123456789ab"), "unjoined pair recreated");
+    assert!(
+        fake.links().contains("wfh0123456789ab"),
+        "unjoined pair recreated"
+    );
     assert!(!fake.links().contains("wfhdeadbeef0000"));
     assert_eq!(fake.with(|s| s.synced.endpoints.len()), 1);
     assert!(store.get(&keys::network(NET)).await.unwrap().is_some());

@@ -14,7 +14,13 @@ fn host(cluster: &Arc<EmbeddedStore>, id: &str, routes: Vec<Ipv4Network>) -> Hos
     let local = Arc::new(EmbeddedStore::in_memory());
     let fake = Arc::new(FakeDatapath::new());
     fake.with(|s| s.host_routes = routes);
-    let ipam = Arc::new(Ipam::new(cluster.clone(), local.clone(), id.into(), fake, IpamConfig::default()));
+    let ipam = Arc::new(Ipam::new(
+        cluster.clone(),
+        local.clone(),
+        id.into(),
+        fake,
+        IpamConfig::default(),
+    ));
     Host { ipam, local }
 }
 
@@ -27,13 +33,19 @@ fn pool_req(pool: &str, sub: &str, opts: &[(&str, &str)]) -> PoolRequest {
         address_space: LOCAL_ADDRESS_SPACE.into(),
         pool: pool.into(),
         sub_pool: sub.into(),
-        options: opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        options: opts
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         v6: false,
     }
 }
 
 fn gw() -> BTreeMap<String, String> {
-    BTreeMap::from([("RequestAddressType".to_string(), GATEWAY_REQUEST.to_string())])
+    BTreeMap::from([(
+        "RequestAddressType".to_string(),
+        GATEWAY_REQUEST.to_string(),
+    )])
 }
 
 fn none() -> BTreeMap<String, String> {
@@ -51,28 +63,64 @@ async fn attach_network(h: &Host, pool: &str) {
         mtu: 1420,
         name: None,
     };
-    h.local.create_json(&keys::network(&rec.id), &rec).await.unwrap().unwrap();
+    h.local
+        .create_json(&keys::network(&rec.id), &rec)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 async fn pool_id(h: &Host, pool: &str, sub: &str) -> String {
-    h.ipam.request_pool(pool_req(pool, sub, &[])).await.unwrap().0.to_string()
+    h.ipam
+        .request_pool(pool_req(pool, sub, &[]))
+        .await
+        .unwrap()
+        .0
+        .to_string()
 }
 
 #[tokio::test]
 async fn explicit_pool_is_refcounted_and_overlaps_are_refused() {
     let h = one_host();
-    let (a, _) = h.ipam.request_pool(pool_req("10.42.0.0/16", "", &[])).await.unwrap();
-    let (b, _) = h.ipam.request_pool(pool_req("10.42.0.0/16", "", &[])).await.unwrap();
+    let (a, _) = h
+        .ipam
+        .request_pool(pool_req("10.42.0.0/16", "", &[]))
+        .await
+        .unwrap();
+    let (b, _) = h
+        .ipam
+        .request_pool(pool_req("10.42.0.0/16", "", &[]))
+        .await
+        .unwrap();
     assert_eq!(a, b, "identical requests share one PoolID");
     assert_eq!(a.to_string(), "weft-local/10.42.0.0/16");
-    let err = h.ipam.request_pool(pool_req("10.42.5.0/24", "", &[])).await.unwrap_err();
+    let err = h
+        .ipam
+        .request_pool(pool_req("10.42.5.0/24", "", &[]))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("overlaps"), "{err}");
     h.ipam.release_pool(&a.to_string()).await.unwrap();
-    assert!(h.ipam.request_address(&a.to_string(), "", &none()).await.is_ok(), "one reference left");
+    assert!(
+        h.ipam
+            .request_address(&a.to_string(), "", &none())
+            .await
+            .is_ok(),
+        "one reference left"
+    );
     h.ipam.release_pool(&a.to_string()).await.unwrap();
-    assert!(h.ipam.request_address(&a.to_string(), "", &none()).await.is_err(), "pool is gone");
+    assert!(
+        h.ipam
+            .request_address(&a.to_string(), "", &none())
+            .await
+            .is_err(),
+        "pool is gone"
+    );
     // ReleasePool of unknown or garbage-free IDs is fine.
-    h.ipam.release_pool("weft-local/10.99.0.0/16").await.unwrap();
+    h.ipam
+        .release_pool("weft-local/10.99.0.0/16")
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -82,8 +130,16 @@ async fn automatic_pools_avoid_held_pools_and_host_routes() {
     let (_, p1) = h.ipam.request_pool(pool_req("", "", &[])).await.unwrap();
     let (_, p2) = h.ipam.request_pool(pool_req("", "", &[])).await.unwrap();
     assert_eq!(p1.to_string(), "10.200.0.0/24");
-    assert_eq!(p2.to_string(), "10.200.2.0/24", "10.200.1.0/24 is a host route");
-    assert!(h.ipam.request_pool(pool_req("", "10.200.5.0/25", &[])).await.is_err());
+    assert_eq!(
+        p2.to_string(),
+        "10.200.2.0/24",
+        "10.200.1.0/24 is a host route"
+    );
+    assert!(h
+        .ipam
+        .request_pool(pool_req("", "10.200.5.0/25", &[]))
+        .await
+        .is_err());
 }
 
 #[tokio::test]
@@ -95,7 +151,13 @@ async fn automatic_pools_run_out_with_a_clear_error() {
         default_pool_prefix: 24,
         default_block_prefix: 26,
     };
-    let ipam = Ipam::new(cluster, local, "h1".into(), Arc::new(FakeDatapath::new()), config);
+    let ipam = Ipam::new(
+        cluster,
+        local,
+        "h1".into(),
+        Arc::new(FakeDatapath::new()),
+        config,
+    );
     ipam.request_pool(pool_req("", "", &[])).await.unwrap();
     ipam.request_pool(pool_req("", "", &[])).await.unwrap();
     let err = ipam.request_pool(pool_req("", "", &[])).await.unwrap_err();
@@ -112,11 +174,20 @@ async fn bad_pool_requests_are_refused() {
         ("10.42.0.0/16", "", vec![("weft.block-size", "8")]),
         ("10.42.0.0/16", "", vec![("weft.unknown", "1")]),
     ] {
-        assert!(h.ipam.request_pool(pool_req(pool, sub, &opts)).await.is_err(), "{pool} {sub} {opts:?}");
+        assert!(
+            h.ipam
+                .request_pool(pool_req(pool, sub, &opts))
+                .await
+                .is_err(),
+            "{pool} {sub} {opts:?}"
+        );
     }
     let mut v6 = pool_req("fd00::/64", "", &[]);
     v6.v6 = true;
-    assert!(matches!(h.ipam.request_pool(v6).await, Err(IpamError::Unsupported(_))));
+    assert!(matches!(
+        h.ipam.request_pool(v6).await,
+        Err(IpamError::Unsupported(_))
+    ));
     let mut space = pool_req("10.42.0.0/16", "", &[]);
     space.address_space = "nope".into();
     assert!(h.ipam.request_pool(space).await.is_err());
@@ -126,12 +197,37 @@ async fn bad_pool_requests_are_refused() {
 async fn gateway_is_shared_and_deterministic() {
     let h = one_host();
     let id = pool_id(&h, "10.42.0.0/16", "").await;
-    assert_eq!(h.ipam.request_address(&id, "", &gw()).await.unwrap().to_string(), "10.42.0.1/16");
-    assert_eq!(h.ipam.request_address(&id, "10.42.0.1", &gw()).await.unwrap().to_string(), "10.42.0.1/16");
-    let err = h.ipam.request_address(&id, "10.42.0.9", &gw()).await.unwrap_err();
-    assert!(err.to_string().contains("already has gateway 10.42.0.1"), "{err}");
+    assert_eq!(
+        h.ipam
+            .request_address(&id, "", &gw())
+            .await
+            .unwrap()
+            .to_string(),
+        "10.42.0.1/16"
+    );
+    assert_eq!(
+        h.ipam
+            .request_address(&id, "10.42.0.1", &gw())
+            .await
+            .unwrap()
+            .to_string(),
+        "10.42.0.1/16"
+    );
+    let err = h
+        .ipam
+        .request_address(&id, "10.42.0.9", &gw())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("already has gateway 10.42.0.1"),
+        "{err}"
+    );
     attach_network(&h, "10.42.0.0/16").await;
-    let err = h.ipam.request_address(&id, "10.42.0.1", &none()).await.unwrap_err();
+    let err = h
+        .ipam
+        .request_address(&id, "10.42.0.1", &none())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("gateway"), "{err}");
 }
 
@@ -139,14 +235,34 @@ async fn gateway_is_shared_and_deterministic() {
 async fn dynamic_addresses_come_from_the_ip_range_and_skip_reserved() {
     let h = one_host();
     let id = pool_id(&h, "10.250.0.0/16", "10.250.1.0/24").await;
-    h.ipam.request_address(&id, "10.250.0.1", &gw()).await.unwrap();
+    h.ipam
+        .request_address(&id, "10.250.0.1", &gw())
+        .await
+        .unwrap();
     // Aux address outside the ip-range but inside the pool is accepted.
-    assert_eq!(h.ipam.request_address(&id, "10.250.0.5", &none()).await.unwrap().to_string(), "10.250.0.5/16");
+    assert_eq!(
+        h.ipam
+            .request_address(&id, "10.250.0.5", &none())
+            .await
+            .unwrap()
+            .to_string(),
+        "10.250.0.5/16"
+    );
     attach_network(&h, "10.250.0.0/16").await;
     let a = h.ipam.request_address(&id, "", &none()).await.unwrap();
-    assert!("10.250.1.0/24".parse::<Ipv4Network>().unwrap().contains(a.ip()), "{a}");
+    assert!(
+        "10.250.1.0/24"
+            .parse::<Ipv4Network>()
+            .unwrap()
+            .contains(a.ip()),
+        "{a}"
+    );
     assert_eq!(a.prefix(), 16, "address carries the pool's prefix length");
-    let err = h.ipam.request_address(&id, "10.250.0.5", &none()).await.unwrap_err();
+    let err = h
+        .ipam
+        .request_address(&id, "10.250.0.5", &none())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("auxiliary"), "{err}");
 }
 
@@ -155,14 +271,27 @@ async fn static_addresses_are_unique_and_must_be_in_the_pool() {
     let h = one_host();
     let id = pool_id(&h, "10.42.0.0/24", "").await;
     attach_network(&h, "10.42.0.0/24").await;
-    h.ipam.request_address(&id, "10.42.0.77", &none()).await.unwrap();
-    let dup = h.ipam.request_address(&id, "10.42.0.77", &none()).await.unwrap_err();
+    h.ipam
+        .request_address(&id, "10.42.0.77", &none())
+        .await
+        .unwrap();
+    let dup = h
+        .ipam
+        .request_address(&id, "10.42.0.77", &none())
+        .await
+        .unwrap_err();
     assert!(dup.to_string().contains("already in use"), "{dup}");
     for bad in ["10.43.0.1", "10.42.0.0", "10.42.0.255", "nonsense"] {
-        assert!(h.ipam.request_address(&id, bad, &none()).await.is_err(), "{bad} accepted");
+        assert!(
+            h.ipam.request_address(&id, bad, &none()).await.is_err(),
+            "{bad} accepted"
+        );
     }
     h.ipam.release_address(&id, "10.42.0.77").await.unwrap();
-    h.ipam.request_address(&id, "10.42.0.77", &none()).await.unwrap();
+    h.ipam
+        .request_address(&id, "10.42.0.77", &none())
+        .await
+        .unwrap();
     // Releasing unknown addresses is fine.
     h.ipam.release_address(&id, "10.42.0.99").await.unwrap();
 }
@@ -190,23 +319,47 @@ async fn hosts_allocate_from_their_own_blocks_and_never_collide() {
     let ida = pool_id(&a, "10.42.0.0/24", "").await;
     let idb = pool_id(&b, "10.42.0.0/24", "").await;
     assert_eq!(ida, idb);
-    assert_eq!(a.ipam.request_address(&ida, "", &gw()).await.unwrap(), b.ipam.request_address(&idb, "", &gw()).await.unwrap());
+    assert_eq!(
+        a.ipam.request_address(&ida, "", &gw()).await.unwrap(),
+        b.ipam.request_address(&idb, "", &gw()).await.unwrap()
+    );
     attach_network(&a, "10.42.0.0/24").await;
     attach_network(&b, "10.42.0.0/24").await;
     let mut all = BTreeSet::new();
     let mut tasks = Vec::new();
     for i in 0..100 {
-        let (ipam, id) = if i % 2 == 0 { (a.ipam.clone(), ida.clone()) } else { (b.ipam.clone(), idb.clone()) };
-        tasks.push(tokio::spawn(async move { ipam.request_address(&id, "", &BTreeMap::new()).await.unwrap().ip() }));
+        let (ipam, id) = if i % 2 == 0 {
+            (a.ipam.clone(), ida.clone())
+        } else {
+            (b.ipam.clone(), idb.clone())
+        };
+        tasks.push(tokio::spawn(async move {
+            ipam.request_address(&id, "", &BTreeMap::new())
+                .await
+                .unwrap()
+                .ip()
+        }));
     }
     for t in tasks {
         assert!(all.insert(t.await.unwrap()), "duplicate address handed out");
     }
     assert_eq!(all.len(), 100);
-    let a_block = allocator::block_of("10.42.0.0/24".parse().unwrap(), 26, "10.42.0.2".parse().unwrap());
-    let owner = cluster.get_json::<BlockRecord>(&keys::block("10.42.0.0/24".parse().unwrap(), a_block)).await.unwrap().unwrap();
+    let a_block = allocator::block_of(
+        "10.42.0.0/24".parse().unwrap(),
+        26,
+        "10.42.0.2".parse().unwrap(),
+    );
+    let owner = cluster
+        .get_json::<BlockRecord>(&keys::block("10.42.0.0/24".parse().unwrap(), a_block))
+        .await
+        .unwrap()
+        .unwrap();
     let other = if owner.value.host == "a" { &b } else { &a };
-    let err = other.ipam.request_address(&ida, "10.42.0.60", &none()).await.unwrap_err();
+    let err = other
+        .ipam
+        .request_address(&ida, "10.42.0.60", &none())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("belongs to host"), "{err}");
 }
 
@@ -219,9 +372,16 @@ async fn empty_blocks_are_released_and_pool_release_cleans_up() {
     let ip = h.ipam.request_address(&id, "", &none()).await.unwrap().ip();
     assert_eq!(cluster.list(keys::BLOCKS).await.unwrap().len(), 1);
     h.ipam.release_address(&id, &ip.to_string()).await.unwrap();
-    assert!(cluster.list(keys::BLOCKS).await.unwrap().is_empty(), "empty block released");
+    assert!(
+        cluster.list(keys::BLOCKS).await.unwrap().is_empty(),
+        "empty block released"
+    );
     h.ipam.request_address(&id, "", &none()).await.unwrap();
     h.ipam.release_pool(&id).await.unwrap();
-    assert!(cluster.list("").await.unwrap().is_empty(), "cluster store left {:?}", cluster.list("").await.unwrap());
+    assert!(
+        cluster.list("").await.unwrap().is_empty(),
+        "cluster store left {:?}",
+        cluster.list("").await.unwrap()
+    );
     assert!(h.local.list(keys::ADDRESSES).await.unwrap().is_empty());
 }
