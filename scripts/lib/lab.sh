@@ -33,6 +33,7 @@ lab_spawn() {
   local host=$1 log=$2; shift 2
   nsenter -t "$(lab_holder "$host")" -m -n -- "$@" </dev/null >>"$log" 2>&1 &
   echo $!
+  disown $! 2>/dev/null || true
 }
 
 lab_docker() {
@@ -71,6 +72,7 @@ lab_host_up() {
     sh -c 'mount -t tmpfs -o mode=755 weft-lab /run/docker && mkdir -p /run/docker/plugins && exec sleep infinity' \
     </dev/null >/dev/null 2>&1 &
   # unshare forks nothing without --fork: $! is the holder itself.
+  disown $! 2>/dev/null || true
   echo $! >"$dir/holder.pid"
   for _ in $(seq 50); do
     lab_exec "$host" test -d /run/docker/plugins 2>/dev/null && break
@@ -86,7 +88,9 @@ lab_weft_start() {
   lab_spawn "$host" "$dir/weft.log" env WEFT_LOG="${WEFT_LOG:-info,weft=debug}" "$WEFT_BIN" daemon \
     --state-dir "$dir/state" --reconcile-interval "${WEFT_RECONCILE_INTERVAL:-2}" >"$dir/weft.pid"
   for _ in $(seq 100); do
-    lab_exec "$host" test -S /run/docker/plugins/weft.sock && return 0
+    # Ready means answering, not just a socket file (a stale one may be there).
+    lab_exec "$host" curl -sf --max-time 1 --unix-socket /run/docker/plugins/weft.sock \
+      -X POST http://weft/Plugin.Activate >/dev/null 2>&1 && return 0
     sleep 0.1
   done
   lab_log "weft did not come up on $host"; tail -20 "$dir/weft.log" >&2; return 1
