@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every test of weft. As root, from a fresh clone, on Debian 12 with the Rust
+# toolchain: installs what it needs, then runs, in order:
+#   lint (fmt, clippy) -> unit and API tests -> datapath tests as root in a throwaway
+#   network namespace -> end-to-end against a real dockerd 20.10 and 26.1, each in
+#   namespaces of its own (never the machine's Docker or default namespace).
+# Set WEFT_SKIP_DOCKER26=1 to test against dockerd 20.10 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "scripts/test.sh: run as root (namespaces, dockerd)" >&2; exit 1; }
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "dependencies"
+scripts/deps.sh
+
+step "lint"
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+
+step "unit, store contract and API tests"
+cargo test --locked
+
+step "datapath tests in a throwaway network namespace"
+cargo build --locked --release
+outer=$(readlink /proc/self/ns/net)
+unshare --net --mount --propagation private -- \
+  env WEFT_PRIVATE_NETNS=1 WEFT_OUTER_NETNS="$outer" \
+  cargo test --locked --offline --test datapath_root -- --test-threads=1
+
+step "end to end, dockerd 20.10"
+DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/single_host.sh
+
+if [ "${WEFT_SKIP_DOCKER26:-0}" != 1 ]; then
+  step "end to end, dockerd 26.1"
+  DOCKERD_BIN=$(scripts/dockerd-26.sh) tests/e2e/single_host.sh
+fi
+
+echo
+echo "scripts/test.sh: all suites passed"

@@ -1,0 +1,258 @@
+//! The real datapath against the kernel, as root, in a throwaway network namespace.
+//!
+//! `scripts/test.sh` runs this under `unshare --net --mount` with
+//! `WEFT_PRIVATE_NETNS=1` and `WEFT_OUTER_NETNS` naming the namespace it left. Without that variable the test skips (loudly); with it,
+//! it refuses to run in the machine's own network namespace.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use weft::datapath::netlink::NetlinkDatapath;
+use weft::datapath::{Datapath, DatapathError, DesiredState, EndpointSpec, NetworkSpec};
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("sh runs");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ok(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .expect("sh runs")
+        .success()
+}
+
+fn private_netns() -> bool {
+    if std::env::var("WEFT_PRIVATE_NETNS").as_deref() != Ok("1") {
+        eprintln!(
+            "datapath_root: skipped (run through scripts/test.sh, which provides a private netns)"
+        );
+        return false;
+    }
+    // The runner records the namespace it started in; this must be another one.
+    let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let outer =
+        std::env::var("WEFT_OUTER_NETNS").expect("WEFT_OUTER_NETNS is set with WEFT_PRIVATE_NETNS");
+    assert_ne!(
+        mine.to_string_lossy(),
+        outer,
+        "refusing to touch the machine's own network namespace"
+    );
+    true
+}
+
+fn ep(n: u8) -> EndpointSpec {
+    EndpointSpec {
+        host_if: format!("wfhaaaaaaaaaa{n:02}"),
+        container_if: format!("wfcaaaaaaaaaa{n:02}"),
+        address: Ipv4Addr::new(10, 77, 0, n),
+        mtu: 8920,
+    }
+}
+
+fn desired(endpoints: Vec<EndpointSpec>) -> DesiredState {
+    DesiredState {
+        networks: vec![NetworkSpec {
+            subnet: "10.77.0.0/16".parse().unwrap(),
+            gateway: Some("10.77.0.1".parse().unwrap()),
+            internal: false,
+        }],
+        endpoints,
+    }
+}
+
+/// Sandbox namespaces of this test, deleted when it ends (also on failure).
+struct Sandboxes(Vec<String>);
+
+impl Sandboxes {
+    fn name(&mut self, tag: &str) -> String {
+        let ns = format!("wefttest-{}-{tag}", std::process::id());
+        self.0.push(ns.clone());
+        ns
+    }
+}
+
+impl Drop for Sandboxes {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Plays Docker's part: moves the container end into a namespace and configures it.
+fn plug_into_sandbox(e: &EndpointSpec, ns: &str) {
+    sh(&format!("ip netns add {ns}"));
+    sh(&format!("ip link set {} netns {ns}", e.container_if));
+    sh(&format!(
+        "ip -n {ns} link set lo up && ip -n {ns} link set {c} name eth0 && ip -n {ns} addr add {a}/16 dev eth0 && \
+         ip -n {ns} link set eth0 up && ip -n {ns} route add default via 10.77.0.1",
+        c = e.container_if,
+        a = e.address
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routed_datapath_works_end_to_end_and_cleans_up() {
+    if !private_netns() {
+        return;
+    }
+    sh(
+        "ip link set lo up && ip link add up0 type bridge && ip link set up0 mtu 9000 up && \
+        ip addr add 192.0.2.2/24 dev up0 && ip route add default via 192.0.2.1 dev up0 onlink",
+    );
+    let dp = NetlinkDatapath::connect("/proc/sys/net").unwrap();
+    assert_eq!(
+        dp.underlay_mtu().await.unwrap(),
+        9000,
+        "MTU of the default route's link"
+    );
+    assert!(dp
+        .host_routes()
+        .await
+        .unwrap()
+        .contains(&"192.0.2.0/24".parse().unwrap()));
+
+    let (a, b) = (ep(2), ep(3));
+    for e in [&a, &b] {
+        dp.setup_endpoint(e).await.unwrap();
+        dp.setup_endpoint(e).await.unwrap(); // idempotent
+    }
+    dp.sync(&desired(vec![a.clone(), b.clone()])).await.unwrap();
+    dp.sync(&desired(vec![a.clone(), b.clone()])).await.unwrap();
+
+    // Both ends carry the MTU before Docker takes the container end; the host end is up.
+    assert!(sh(&format!("ip -o link show {}", a.host_if)).contains("mtu 8920"));
+    assert!(sh(&format!("ip -o link show {}", a.host_if)).contains(",UP"));
+    assert!(sh(&format!("ip -o link show {}", a.container_if)).contains("mtu 8920"));
+    assert_eq!(
+        sh(&format!(
+            "cat /proc/sys/net/ipv4/conf/{}/proxy_arp",
+            a.host_if
+        ))
+        .trim(),
+        "1"
+    );
+    assert_eq!(sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+    assert!(sh("ip route show proto 87").contains("10.77.0.2 dev wfhaaaaaaaaaa02"));
+    assert!(sh("ip route show proto 87").contains("unreachable 10.77.0.0/16"));
+    assert!(sh("ip -o addr show dev weft-gw").contains("10.77.0.1/32"));
+    assert!(sh("nft list table inet weft").contains("wfhaaaaaaaaaa02"));
+    assert!(sh("iptables -S FORWARD").contains("-j WEFT-FORWARD"));
+
+    // Two "containers" reach each other and the gateway through the host, by proxy ARP.
+    let mut sandboxes = Sandboxes(Vec::new());
+    let (sa, sb) = (sandboxes.name("a"), sandboxes.name("b"));
+    plug_into_sandbox(&a, &sa);
+    plug_into_sandbox(&b, &sb);
+    assert!(
+        ok(&format!(
+            "ip netns exec {sa} busybox ping -c 1 -W 2 10.77.0.3 >/dev/null"
+        )),
+        "a -> b"
+    );
+    assert!(
+        ok(&format!(
+            "ip netns exec {sb} busybox ping -c 1 -W 2 10.77.0.1 >/dev/null"
+        )),
+        "b -> gateway"
+    );
+    // A source address that is not the container's own is dropped.
+    sh(&format!("ip -n {sa} addr add 10.77.0.9/32 dev eth0"));
+    assert!(
+        !ok(&format!(
+            "ip netns exec {sa} busybox ping -c 1 -W 1 -I 10.77.0.9 10.77.0.3 >/dev/null 2>&1"
+        )),
+        "spoofed source passed"
+    );
+
+    // A route removed behind weft's back comes back with the next setup (the reconciler's call).
+    sh("ip route del 10.77.0.3/32");
+    dp.setup_endpoint(&b).await.unwrap();
+    assert!(
+        ok(&format!(
+            "ip netns exec {sa} busybox ping -c 1 -W 2 10.77.0.3 >/dev/null"
+        )),
+        "route repaired"
+    );
+
+    // Teardown: the container end lives in the sandbox now; deleting the host end takes both.
+    for e in [&a, &b] {
+        dp.teardown_endpoint(e).await.unwrap();
+        dp.teardown_endpoint(e).await.unwrap(); // idempotent, also when already gone
+    }
+    assert!(matches!(
+        dp.delete_link("wfhnonexistent0").await,
+        Err(DatapathError::NotFound { .. })
+    ));
+    dp.sync(&DesiredState::default()).await.unwrap();
+    assert!(!sh("ip -o link show").contains("wfh"), "veth left behind");
+    assert!(
+        !ok("ip link show weft-gw >/dev/null 2>&1"),
+        "gateway link left behind"
+    );
+    assert_eq!(
+        sh("ip route show proto 87").trim(),
+        "",
+        "routes left behind"
+    );
+    assert!(
+        !ok("nft list table inet weft >/dev/null 2>&1"),
+        "nftables table left behind"
+    );
+    assert!(
+        !sh("iptables -S").contains("WEFT"),
+        "iptables rules left behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_removes_routes_of_endpoints_that_are_gone() {
+    if !private_netns() {
+        return;
+    }
+    let dp = NetlinkDatapath::connect("/proc/sys/net").unwrap();
+    let c = EndpointSpec {
+        host_if: "wfhbbbbbbbbbb01".into(),
+        container_if: "wfcbbbbbbbbbb01".into(),
+        address: "10.78.0.5".parse().unwrap(),
+        mtu: 1400,
+    };
+    let state = DesiredState {
+        networks: vec![NetworkSpec {
+            subnet: "10.78.0.0/16".parse().unwrap(),
+            gateway: None,
+            internal: true,
+        }],
+        endpoints: vec![c.clone()],
+    };
+    dp.setup_endpoint(&c).await.unwrap();
+    dp.sync(&state).await.unwrap();
+    assert!(sh("ip route show proto 87").contains("10.78.0.5"));
+    assert!(
+        !ok("ip link show weft-gw >/dev/null 2>&1"),
+        "internal networks have no gateway address"
+    );
+    // The endpoint disappears from the desired state: its stale route goes.
+    dp.sync(&DesiredState {
+        endpoints: vec![],
+        ..state.clone()
+    })
+    .await
+    .unwrap();
+    assert!(!sh("ip route show proto 87").contains("10.78.0.5"));
+    dp.teardown_endpoint(&c).await.unwrap();
+    dp.sync(&DesiredState::default()).await.unwrap();
+    assert_eq!(sh("ip route show proto 87").trim(), "");
+}
