@@ -19,6 +19,7 @@ pub struct FakeState {
     pub fail_setup: bool,
     pub fail_sync: bool,
     pub setups: usize,
+    pub resyncs: usize,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +98,11 @@ impl Datapath for FakeDatapath {
                 })
             }
         })
+    }
+
+    async fn resync(&self, desired: &DesiredState) -> Result<(), DatapathError> {
+        self.with(|s| s.resyncs += 1);
+        self.sync(desired).await
     }
 
     async fn sync(&self, desired: &DesiredState) -> Result<(), DatapathError> {

@@ -149,11 +149,35 @@ async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Da
     }
 }
 
+/// The nftables commands that turn the firewall for `old` into the one for `new`,
+/// when only endpoints differ (`None` when the table must be rebuilt; empty when
+/// nothing changed).
+pub fn render_delta(old: &DesiredState, new: &DesiredState) -> Option<String> {
+    if old.networks != new.networks || new.networks.is_empty() {
+        return None;
+    }
+    let element = |e: &super::EndpointSpec| format!("\"{}\" . {}", e.host_if, e.address);
+    let old_set: std::collections::BTreeSet<String> = old.endpoints.iter().map(element).collect();
+    let new_set: std::collections::BTreeSet<String> = new.endpoints.iter().map(element).collect();
+    let mut s = String::new();
+    for gone in old_set.difference(&new_set) {
+        let _ = writeln!(s, "delete element inet {TABLE} endpoints {{ {gone} }}");
+    }
+    for added in new_set.difference(&old_set) {
+        let _ = writeln!(s, "add element inet {TABLE} endpoints {{ {added} }}");
+    }
+    Some(s)
+}
+
 /// Replaces table `inet weft` with the rules for `desired`.
 pub async fn apply_nftables(desired: &DesiredState) -> Result<(), DatapathError> {
-    let script = render(desired);
-    debug!(rules = %script, "applying nftables ruleset");
-    run("nft", &["-f", "-"], Some(&script)).await
+    apply_script(&render(desired)).await
+}
+
+/// Runs an nftables script as one transaction.
+pub async fn apply_script(script: &str) -> Result<(), DatapathError> {
+    debug!(rules = %script, "applying nftables");
+    run("nft", &["-f", "-"], Some(script)).await
 }
 
 async fn iptables(args: &[&str]) -> Result<(), DatapathError> {
@@ -245,6 +269,27 @@ mod tests {
         assert!(r.contains("ip saddr 10.42.0.0/16 ip daddr != @subnets masquerade"));
         assert!(!r.contains("ip saddr 10.43.0.0/16 ip daddr != @subnets masquerade"));
         assert!(r.contains("ip saddr 10.42.0.0/16 ip daddr @gateways ip daddr != 10.42.0.1 drop"));
+    }
+
+    #[test]
+    fn endpoint_changes_are_applied_as_set_element_updates() {
+        let old = state();
+        let mut new = state();
+        new.endpoints[0].host_if = "wfhffffffffffff".into();
+        let delta = render_delta(&old, &new).unwrap();
+        assert_eq!(
+            delta,
+            "delete element inet weft endpoints { \"wfh0123456789ab\" . 10.42.0.2 }\n\
+             add element inet weft endpoints { \"wfhffffffffffff\" . 10.42.0.2 }\n"
+        );
+        assert_eq!(render_delta(&old, &old).unwrap(), "");
+        let mut other = state();
+        other.networks.pop();
+        assert!(
+            render_delta(&old, &other).is_none(),
+            "network changes rebuild the table"
+        );
+        assert!(render_delta(&DesiredState::default(), &DesiredState::default()).is_none());
     }
 
     #[test]

@@ -99,8 +99,12 @@ pub trait Datapath: Send + Sync + 'static {
     async fn endpoint_links(&self) -> Result<Vec<String>, DatapathError>;
     async fn delete_link(&self, name: &str) -> Result<(), DatapathError>;
     /// Brings networks (gateway addresses, subnet routes), endpoint routes and the
-    /// firewall to `desired`, removing whatever weft installed that is not in it.
+    /// firewall to `desired`, removing whatever weft installed that is not in it. May
+    /// update the firewall incrementally from weft's last apply (the request path).
     async fn sync(&self, desired: &DesiredState) -> Result<(), DatapathError>;
+    /// Like `sync`, but rewrites and re-verifies everything, repairing changes made
+    /// behind weft's back (the reconciler).
+    async fn resync(&self, desired: &DesiredState) -> Result<(), DatapathError>;
 }
 
 /// The host and container link names for an endpoint ID (at most 15 bytes each).

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -27,7 +28,15 @@ pub const ROUTE_PROTOCOL: u8 = 87;
 pub struct NetlinkDatapath {
     handle: Handle,
     sysctl: Sysctl,
+    /// When the iptables accept rules were last verified, and for which state. Each
+    /// check spawns iptables several times, so request-path syncs reuse a recent one;
+    /// the reconciler's passes (further apart than this) re-verify.
+    iptables_checked: std::sync::Mutex<Option<(bool, Instant)>>,
+    /// The firewall state weft last applied, for incremental updates.
+    nft_applied: std::sync::Mutex<Option<DesiredState>>,
 }
+
+const IPTABLES_RECHECK: Duration = Duration::from_secs(5);
 
 /// Turns an rtnetlink error into a domain error naming what was being done.
 fn classify(what: impl Into<String>, err: rtnetlink::Error) -> DatapathError {
@@ -125,6 +134,8 @@ impl NetlinkDatapath {
         Ok(Self {
             handle,
             sysctl: Sysctl::new(sysctl_root),
+            iptables_checked: std::sync::Mutex::new(None),
+            nft_applied: std::sync::Mutex::new(None),
         })
     }
 
@@ -339,6 +350,85 @@ impl NetlinkDatapath {
         DatapathError::collect(errors)
     }
 
+    /// `full` rewrites the whole firewall and re-verifies iptables; otherwise only what
+    /// changed since weft's last apply is touched (an endpoint's set element: one `nft`
+    /// run instead of rebuilding the table, which costs tens of ms next to dockerd's).
+    async fn sync_with(&self, desired: &DesiredState, full: bool) -> Result<(), DatapathError> {
+        let mut errors = Vec::new();
+        let started = Instant::now();
+        if !desired.networks.is_empty() {
+            if let Err(e) = self.sysctl.set("ipv4/ip_forward", "1").await {
+                errors.push(e);
+            }
+        }
+        for result in [
+            self.sync_gateways(desired).await,
+            self.sync_routes(desired).await,
+            self.sync_nftables(desired, full).await,
+        ] {
+            if let Err(e) = result {
+                errors.push(e);
+            }
+        }
+        if full {
+            *self
+                .iptables_checked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        if let Err(e) = self.sync_iptables(!desired.networks.is_empty()).await {
+            errors.push(e);
+        }
+        debug!(
+            full,
+            micros = started.elapsed().as_micros() as u64,
+            "datapath synced"
+        );
+        DatapathError::collect(errors)
+    }
+
+    async fn sync_nftables(&self, desired: &DesiredState, full: bool) -> Result<(), DatapathError> {
+        let previous = self
+            .nft_applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let delta = match (&previous, full) {
+            (Some(prev), false) => firewall::render_delta(prev, desired),
+            _ => None,
+        };
+        let result = match delta {
+            Some(script) if script.is_empty() => Ok(()),
+            Some(script) => match firewall::apply_script(&script).await {
+                Ok(()) => Ok(()),
+                // The table was changed behind weft's back: rebuild it.
+                Err(_) => firewall::apply_nftables(desired).await,
+            },
+            None => firewall::apply_nftables(desired).await,
+        };
+        *self.nft_applied.lock().unwrap_or_else(|p| p.into_inner()) =
+            result.is_ok().then(|| desired.clone());
+        result
+    }
+
+    async fn sync_iptables(&self, active: bool) -> Result<(), DatapathError> {
+        let recent = |c: &Option<(bool, Instant)>| matches!(c, Some((a, at)) if *a == active && at.elapsed() < IPTABLES_RECHECK);
+        if recent(
+            &self
+                .iptables_checked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        ) {
+            return Ok(());
+        }
+        let result = firewall::apply_iptables(active).await;
+        *self
+            .iptables_checked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = result.is_ok().then(|| (active, Instant::now()));
+        result
+    }
+
     async fn delete_index(&self, index: u32, name: &str) -> Result<(), DatapathError> {
         self.handle
             .link()
@@ -504,22 +594,10 @@ impl Datapath for NetlinkDatapath {
     }
 
     async fn sync(&self, desired: &DesiredState) -> Result<(), DatapathError> {
-        let mut errors = Vec::new();
-        if !desired.networks.is_empty() {
-            if let Err(e) = self.sysctl.set("ipv4/ip_forward", "1").await {
-                errors.push(e);
-            }
-        }
-        for result in [
-            self.sync_gateways(desired).await,
-            self.sync_routes(desired).await,
-            firewall::apply_nftables(desired).await,
-            firewall::apply_iptables(!desired.networks.is_empty()).await,
-        ] {
-            if let Err(e) = result {
-                errors.push(e);
-            }
-        }
-        DatapathError::collect(errors)
+        self.sync_with(desired, false).await
+    }
+
+    async fn resync(&self, desired: &DesiredState) -> Result<(), DatapathError> {
+        self.sync_with(desired, true).await
     }
 }

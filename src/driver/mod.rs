@@ -450,6 +450,11 @@ impl Driver {
         Ok(self.datapath.sync(&desired).await?)
     }
 
+    async fn resync_locked(&self) -> Result<(), DriverError> {
+        let desired = self.desired().await?;
+        Ok(self.datapath.resync(&desired).await?)
+    }
+
     /// Brings the kernel in line with the store: repairs what is missing, forgets
     /// endpoints whose container is gone, removes what no endpoint owns. Runs at start
     /// and on a timer. Addresses are left to IPAM: Docker releases them itself.
@@ -485,7 +490,7 @@ impl Driver {
                 }
             }
         }
-        if let Err(e) = self.sync_locked().await {
+        if let Err(e) = self.resync_locked().await {
             errors.push(e);
         }
         first_error(errors).map(|()| report)
