@@ -15,6 +15,9 @@ have curl || need+=(curl)
 have python3 || need+=(python3)
 have unshare || need+=(util-linux)
 have gcc || need+=(gcc)
+have protoc || need+=(protobuf-compiler)
+have etcd || need+=(etcd-server)
+have wireguard-go || need+=(wireguard-go)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "deps: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -28,6 +28,9 @@ unshare --net --mount --propagation private -- \
   env WEFT_PRIVATE_NETNS=1 WEFT_OUTER_NETNS="$outer" \
   cargo test --locked --offline --test datapath_root -- --ignored --test-threads=1
 
+step "etcd store contract against a real etcd (private network namespace)"
+unshare --net -- scripts/lib/etcd-test.sh cargo test --locked --offline --test store_etcd -- --ignored
+
 step "end to end, dockerd 20.10"
 DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/single_host.sh
 

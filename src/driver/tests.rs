@@ -252,6 +252,10 @@ async fn reconcile_forgets_dead_containers_repairs_links_and_removes_orphans() {
     );
     assert!(!fake.links().contains("wfhdeadbeef0000"));
     assert_eq!(fake.with(|s| s.synced.endpoints.len()), 1);
-    assert_eq!(fake.with(|s| s.resyncs), 1, "reconcile rewrites the whole datapath state");
+    assert_eq!(
+        fake.with(|s| s.resyncs),
+        1,
+        "reconcile rewrites the whole datapath state"
+    );
     assert!(store.get(&keys::network(NET)).await.unwrap().is_some());
 }

@@ -8,6 +8,7 @@
 
 pub mod contract;
 pub mod embedded;
+pub mod etcd;
 pub mod keys;
 
 use async_trait::async_trait;
