@@ -20,7 +20,23 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the NetworkDriver and IpamDriver APIs on a unix socket.
-    Daemon(DaemonConfig),
+    Daemon(Box<DaemonConfig>),
+    /// Show this host's view: mesh peers, networks, blocks, endpoints.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The daemon's socket.
+    #[arg(
+        long,
+        env = "WEFT_SOCKET",
+        default_value = "/run/docker/plugins/weft.sock"
+    )]
+    pub socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -78,6 +94,97 @@ pub struct DaemonConfig {
     /// Where the network sysctls are (a managed plugin bind-mounts the host's).
     #[arg(long, env = "WEFT_PROC_SYS_NET", default_value = "/proc/sys/net")]
     pub proc_sys_net: String,
+
+    #[command(flatten)]
+    pub cluster: ClusterConfig,
+}
+
+/// Multi-host settings: with `--etcd-endpoints`, pools and blocks live in etcd and
+/// hosts are joined by a WireGuard mesh. Without it weft is single-host.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterConfig {
+    /// etcd client URLs, comma-separated (enables multi-host mode).
+    #[arg(long, env = "WEFT_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix of weft's records in etcd.
+    #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/weft/v1/")]
+    pub etcd_prefix: String,
+
+    /// CA certificate (PEM) to verify etcd with.
+    #[arg(long, env = "WEFT_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, env = "WEFT_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for etcd.
+    #[arg(long, env = "WEFT_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user name (with --etcd-password).
+    #[arg(long, env = "WEFT_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// etcd password (prefer the environment variable; it is never logged).
+    #[arg(long, env = "WEFT_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+
+    /// Seconds any etcd call may take before it fails.
+    #[arg(long, env = "WEFT_ETCD_TIMEOUT", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub etcd_timeout: u64,
+
+    /// Underlay address other hosts reach this one at (default: the address of the default route's link).
+    #[arg(long, env = "WEFT_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<std::net::Ipv4Addr>,
+
+    /// Seconds of the liveness lease of this host's record.
+    #[arg(long, env = "WEFT_HOST_TTL", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub host_ttl: u64,
+
+    /// Which WireGuard to use.
+    #[arg(long, env = "WEFT_WIREGUARD", value_enum, default_value = "auto")]
+    pub wireguard: crate::tunnel::wireguard::Mode,
+
+    /// Userspace WireGuard implementation to start when the kernel has none.
+    #[arg(long, env = "WEFT_WIREGUARD_USERSPACE", default_value = "wireguard-go")]
+    pub wireguard_userspace: String,
+
+    /// WireGuard interface name.
+    #[arg(long, env = "WEFT_WG_INTERFACE", default_value = "weft0")]
+    pub wg_interface: String,
+
+    /// WireGuard UDP port.
+    #[arg(long, env = "WEFT_WG_PORT", default_value_t = 51820)]
+    pub wg_port: u16,
+
+    /// Persistent keepalive (seconds) other hosts use towards this one (for hosts behind NAT).
+    #[arg(long, env = "WEFT_WG_KEEPALIVE")]
+    pub wg_keepalive: Option<u16>,
+
+    /// Seconds between full mesh passes (changes in etcd trigger one at once).
+    #[arg(long, env = "WEFT_MESH_INTERVAL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mesh_interval: u64,
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.etcd_endpoints.is_empty()
+    }
+
+    pub fn etcd(&self) -> crate::store::etcd::EtcdConfig {
+        crate::store::etcd::EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.etcd_prefix.clone(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+            password: self.etcd_password.clone(),
+            timeout: Duration::from_secs(self.etcd_timeout),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -4,6 +4,7 @@
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::net::{UnixListener, UnixStream};
@@ -11,13 +12,19 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::api::{router, AppState};
+use crate::cluster::HostRecord;
 use crate::config::DaemonConfig;
 use crate::datapath::netlink::NetlinkDatapath;
 use crate::datapath::Datapath;
 use crate::driver::{Driver, DriverConfig};
 use crate::ipam::{Ipam, IpamConfig};
+use crate::mesh::Mesh;
+use crate::status::StatusSource;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::etcd::EtcdStore;
 use crate::store::Store;
+use crate::tunnel::wireguard::{WireGuard, WireGuardConfig};
+use crate::tunnel::Tunnel;
 
 pub const HOST_ID_FILE: &str = "host-id";
 
@@ -80,15 +87,83 @@ async fn shutdown_signal() {
     }
 }
 
+/// Multi-host wiring: the etcd store, the WireGuard device, this host's registration
+/// and the mesh reconciler.
+async fn start_cluster(
+    config: &DaemonConfig,
+    host: &str,
+    datapath: Arc<dyn Datapath>,
+) -> anyhow::Result<(Arc<dyn Store>, Arc<Mesh>)> {
+    let cluster = &config.cluster;
+    let etcd = EtcdStore::connect(&cluster.etcd())
+        .await
+        .context("connecting to etcd")?;
+    let underlay_mtu = datapath.underlay_mtu().await?;
+    let key = crate::tunnel::keys::load_or_create(&config.state_dir)?;
+    let wg = WireGuard::new(
+        WireGuardConfig {
+            interface: cluster.wg_interface.clone(),
+            listen_port: cluster.wg_port,
+            mtu: underlay_mtu.saturating_sub(config.mtu_overhead),
+            mode: cluster.wireguard,
+            userspace_binary: cluster.wireguard_userspace.clone(),
+        },
+        key,
+    )?;
+    wg.ensure_device().await.context("setting up WireGuard")?;
+    let address = match cluster.advertise_addr {
+        Some(a) => a,
+        None => datapath
+            .default_address()
+            .await?
+            .context("no --advertise-addr given and no address on the default route's link")?,
+    };
+    let record = HostRecord {
+        id: host.to_string(),
+        public_key: wg.public_key(),
+        endpoint: std::net::SocketAddr::new(address.into(), cluster.wg_port),
+        keepalive: cluster.wg_keepalive,
+    };
+    info!(endpoint = %record.endpoint, wireguard = wg.backend_name(), "joining the mesh");
+    let (alive, _) = tokio::sync::watch::channel(false);
+    crate::cluster::spawn_registration(
+        etcd.client(),
+        etcd.prefix().to_string(),
+        record,
+        Duration::from_secs(cluster.host_ttl),
+        alive,
+    );
+    let store: Arc<dyn Store> = Arc::new(etcd.clone());
+    let mesh = Arc::new(Mesh::new(
+        store.clone(),
+        Arc::new(wg),
+        datapath,
+        host.to_string(),
+    ));
+    tokio::spawn(mesh.clone().run(Duration::from_secs(cluster.mesh_interval)));
+    tokio::spawn(mesh.clone().watch(etcd.client(), etcd.prefix().to_string()));
+    Ok((store, mesh))
+}
+
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
     let host = host_id(&config.state_dir)?;
-    let store: Arc<dyn Store> =
+    let local: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&config.state_dir).context("opening the embedded store")?);
-    let datapath: Arc<dyn Datapath> = Arc::new(NetlinkDatapath::connect(&config.proc_sys_net)?);
+    let mut netlink = NetlinkDatapath::connect(&config.proc_sys_net)?;
+    if config.cluster.enabled() {
+        netlink = netlink.with_tunnel(&config.cluster.wg_interface);
+    }
+    let datapath: Arc<dyn Datapath> = Arc::new(netlink);
+    let (cluster, mesh) = if config.cluster.enabled() {
+        let (store, mesh) = start_cluster(&config, &host, datapath.clone()).await?;
+        (store, Some(mesh))
+    } else {
+        (local.clone(), None)
+    };
     let driver = Arc::new(Driver::new(
-        store.clone(),
+        local.clone(),
         datapath.clone(),
         DriverConfig {
             default_mtu: config.mtu,
@@ -96,8 +171,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         },
     ));
     let ipam = Arc::new(Ipam::new(
-        store.clone(),
-        store,
+        cluster.clone(),
+        local,
         host.clone(),
         datapath,
         IpamConfig {
@@ -136,7 +211,16 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         })
     };
 
-    let app = router(AppState { driver, ipam });
+    let status = Arc::new(StatusSource {
+        host: host.clone(),
+        cluster,
+        mesh,
+    });
+    let app = router(AppState {
+        driver,
+        ipam,
+        status,
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await;

@@ -5,11 +5,15 @@
 //! Each outside system sits behind a trait with a fake, injected at construction.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod driver;
 pub mod ipam;
+pub mod mesh;
 pub mod protocol;
+pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod tunnel;

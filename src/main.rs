@@ -11,7 +11,19 @@ fn main() -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            runtime.block_on(weft::daemon::run(config))
+            runtime.block_on(weft::daemon::run(*config))
+        }
+        Command::Status(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let status = runtime.block_on(weft::status::fetch(&args.socket))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", weft::status::render(&status));
+            }
+            Ok(())
         }
     }
 }

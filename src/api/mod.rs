@@ -19,6 +19,8 @@ use tracing::{info_span, Instrument};
 use crate::driver::Driver;
 use crate::ipam::Ipam;
 use crate::protocol::ActivateResponse;
+use crate::status::{Status, StatusSource};
+use axum::extract::State;
 
 pub use error::ApiError;
 pub use extract::DockerJson;
@@ -27,11 +29,13 @@ pub use extract::DockerJson;
 pub struct AppState {
     pub driver: Arc<Driver>,
     pub ipam: Arc<Ipam>,
+    pub status: Arc<StatusSource>,
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/Plugin.Activate", post(activate))
+        .route("/weft.Status", post(status))
         .merge(network::routes())
         .merge(ipam::routes())
         .fallback(unknown_method)
@@ -43,6 +47,11 @@ async fn activate() -> Json<ActivateResponse> {
     Json(ActivateResponse {
         implements: vec!["NetworkDriver".into(), "IpamDriver".into()],
     })
+}
+
+/// weft's own status for `weft status` (dockerd never calls this path).
+async fn status(State(s): State<AppState>) -> Result<Json<Status>, ApiError> {
+    Ok(Json(s.status.collect(&s.driver).await?))
 }
 
 /// Unknown methods must be 404: dockerd reads 404 as "not implemented".

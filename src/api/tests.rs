@@ -36,8 +36,17 @@ fn harness() -> Harness {
         fake.clone(),
         IpamConfig::default(),
     ));
+    let status = Arc::new(crate::status::StatusSource {
+        host: "h1".into(),
+        cluster: store.clone(),
+        mesh: None,
+    });
     Harness {
-        app: router(AppState { driver, ipam }),
+        app: router(AppState {
+            driver,
+            ipam,
+            status,
+        }),
         store,
         fake,
     }
@@ -97,6 +106,37 @@ async fn handshake_and_capabilities() {
     assert_eq!(
         spaces,
         json!({"LocalDefaultAddressSpace": "weft-local", "GlobalDefaultAddressSpace": "weft-global"})
+    );
+}
+
+#[tokio::test]
+async fn status_reports_networks_and_endpoints() {
+    let h = harness();
+    let pool = ok(
+        &h.app,
+        "IpamDriver.RequestPool",
+        json!({"AddressSpace": "weft-local", "Pool": "10.61.0.0/24"}),
+    )
+    .await;
+    let id = pool["PoolID"].as_str().unwrap();
+    ok(&h.app, "IpamDriver.RequestAddress", json!({"PoolID": id, "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}})).await;
+    let net = "ab".repeat(32);
+    ok(&h.app, "NetworkDriver.CreateNetwork", json!({"NetworkID": net, "IPv4Data": [{"Pool": "10.61.0.0/24", "Gateway": "10.61.0.1/24"}]})).await;
+    let addr = ok(
+        &h.app,
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": id, "Address": ""}),
+    )
+    .await;
+    ok(&h.app, "NetworkDriver.CreateEndpoint", json!({"NetworkID": net, "EndpointID": "cd".repeat(32), "Interface": {"Address": addr["Address"]}})).await;
+    let status = ok(&h.app, "weft.Status", json!(null)).await;
+    assert_eq!(status["networks"][0]["subnet"], "10.61.0.0/24");
+    assert_eq!(status["endpoints"][0]["address"], "10.61.0.2");
+    assert_eq!(status["blocks"], json!(["10.61.0.0/26"]));
+    let text = crate::status::render(&serde_json::from_value(status).unwrap());
+    assert!(
+        text.contains("10.61.0.0/24") && text.contains("10.61.0.2"),
+        "{text}"
     );
 }
 

@@ -20,6 +20,7 @@ pub struct FakeState {
     pub fail_sync: bool,
     pub setups: usize,
     pub resyncs: usize,
+    pub tunnel_routes: Vec<Ipv4Network>,
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +99,19 @@ impl Datapath for FakeDatapath {
                 })
             }
         })
+    }
+
+    async fn sync_tunnel_routes(
+        &self,
+        _tunnel_if: &str,
+        blocks: &[Ipv4Network],
+    ) -> Result<(), DatapathError> {
+        self.with(|s| s.tunnel_routes = blocks.to_vec());
+        Ok(())
+    }
+
+    async fn default_address(&self) -> Result<Option<std::net::Ipv4Addr>, DatapathError> {
+        Ok(Some(std::net::Ipv4Addr::new(192, 0, 2, 10)))
     }
 
     async fn resync(&self, desired: &DesiredState) -> Result<(), DatapathError> {

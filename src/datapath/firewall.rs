@@ -188,7 +188,7 @@ async fn iptables(args: &[&str]) -> Result<(), DatapathError> {
 
 /// Makes iptables' FORWARD accept container traffic (when there are networks) or
 /// removes every trace of weft from iptables (when there are none).
-pub async fn apply_iptables(active: bool) -> Result<(), DatapathError> {
+pub async fn apply_iptables(active: bool, tunnel_if: Option<&str>) -> Result<(), DatapathError> {
     let jump = ["FORWARD", "-j", IPTABLES_CHAIN];
     let has_jump = iptables(&[&["-C"], &jump[..]].concat()).await.is_ok();
     if !active {
@@ -205,20 +205,23 @@ pub async fn apply_iptables(active: bool) -> Result<(), DatapathError> {
         iptables(&["-N", IPTABLES_CHAIN]).await?;
     }
     let wildcard = format!("{HOST_IF_PREFIX}+");
-    let rules: [&[&str]; 2] = [
-        &["-i", &wildcard, "-j", "ACCEPT"],
-        &[
-            "-o",
-            &wildcard,
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "RELATED,ESTABLISHED",
-            "-j",
-            "ACCEPT",
-        ],
+    let established = [
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "RELATED,ESTABLISHED",
+        "-j",
+        "ACCEPT",
     ];
-    for rule in rules {
+    let mut rules: Vec<Vec<&str>> = vec![
+        vec!["-i", &wildcard, "-j", "ACCEPT"],
+        [&["-o", wildcard.as_str()][..], &established[..]].concat(),
+    ];
+    // From other hosts' containers (WireGuard already checked who sent it).
+    if let Some(tun) = tunnel_if {
+        rules.push(vec!["-i", tun, "-o", &wildcard, "-j", "ACCEPT"]);
+    }
+    for rule in rules.iter().map(Vec::as_slice) {
         let check = [&["-C", IPTABLES_CHAIN], rule].concat();
         if iptables(&check).await.is_err() {
             iptables(&[&["-A", IPTABLES_CHAIN], rule].concat()).await?;

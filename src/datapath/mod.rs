@@ -105,6 +105,14 @@ pub trait Datapath: Send + Sync + 'static {
     /// Like `sync`, but rewrites and re-verifies everything, repairing changes made
     /// behind weft's back (the reconciler).
     async fn resync(&self, desired: &DesiredState) -> Result<(), DatapathError>;
+    /// Routes to other hosts' blocks through the tunnel interface: exactly `blocks`.
+    async fn sync_tunnel_routes(
+        &self,
+        tunnel_if: &str,
+        blocks: &[Ipv4Network],
+    ) -> Result<(), DatapathError>;
+    /// The first IPv4 address of the default route's link (the underlay address).
+    async fn default_address(&self) -> Result<Option<Ipv4Addr>, DatapathError>;
 }
 
 /// The host and container link names for an endpoint ID (at most 15 bytes each).

@@ -24,6 +24,8 @@ use super::{
 
 /// Routing protocol number that marks routes weft installed (`ip route show proto 87`).
 pub const ROUTE_PROTOCOL: u8 = 87;
+/// Marks weft's routes to other hosts' blocks through the tunnel (`proto 88`).
+pub const TUNNEL_ROUTE_PROTOCOL: u8 = 88;
 
 pub struct NetlinkDatapath {
     handle: Handle,
@@ -34,6 +36,8 @@ pub struct NetlinkDatapath {
     iptables_checked: std::sync::Mutex<Option<(bool, Instant)>>,
     /// The firewall state weft last applied, for incremental updates.
     nft_applied: std::sync::Mutex<Option<DesiredState>>,
+    /// The tunnel interface whose traffic to containers is accepted, if any.
+    tunnel_if: Option<String>,
 }
 
 const IPTABLES_RECHECK: Duration = Duration::from_secs(5);
@@ -136,7 +140,14 @@ impl NetlinkDatapath {
             sysctl: Sysctl::new(sysctl_root),
             iptables_checked: std::sync::Mutex::new(None),
             nft_applied: std::sync::Mutex::new(None),
+            tunnel_if: None,
         })
+    }
+
+    /// Accepts forwarded traffic from `tunnel_if` to containers (multi-host).
+    pub fn with_tunnel(mut self, tunnel_if: &str) -> Self {
+        self.tunnel_if = Some(tunnel_if.to_string());
+        self
     }
 
     async fn links(&self) -> Result<Vec<Link>, DatapathError> {
@@ -421,7 +432,7 @@ impl NetlinkDatapath {
         ) {
             return Ok(());
         }
-        let result = firewall::apply_iptables(active).await;
+        let result = firewall::apply_iptables(active, self.tunnel_if.as_deref()).await;
         *self
             .iptables_checked
             .lock()
@@ -471,7 +482,11 @@ impl Datapath for NetlinkDatapath {
             .routes()
             .await?
             .into_iter()
-            .filter(|r| r.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) && r.dst.prefix() > 0)
+            .filter(|r| {
+                r.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+                    && r.protocol != RouteProtocol::Other(TUNNEL_ROUTE_PROTOCOL)
+                    && r.dst.prefix() > 0
+            })
             .map(|r| r.dst)
             .collect())
     }
@@ -599,5 +614,79 @@ impl Datapath for NetlinkDatapath {
 
     async fn resync(&self, desired: &DesiredState) -> Result<(), DatapathError> {
         self.sync_with(desired, true).await
+    }
+
+    async fn sync_tunnel_routes(
+        &self,
+        tunnel_if: &str,
+        blocks: &[Ipv4Network],
+    ) -> Result<(), DatapathError> {
+        let dev = self
+            .link(tunnel_if)
+            .await?
+            .ok_or_else(|| DatapathError::NotFound {
+                what: format!("tunnel link {tunnel_if}"),
+            })?;
+        let wanted: BTreeSet<Ipv4Network> = blocks.iter().copied().collect();
+        let routes = self.routes().await?;
+        let ours: Vec<&Route> = routes
+            .iter()
+            .filter(|r| r.protocol == RouteProtocol::Other(TUNNEL_ROUTE_PROTOCOL))
+            .collect();
+        let mut errors = Vec::new();
+        for r in &ours {
+            if !wanted.contains(&r.dst) || r.oif != Some(dev.index) {
+                if let Err(e) = self.delete_route(r).await {
+                    errors.push(e);
+                }
+            }
+        }
+        for block in &wanted {
+            if ours
+                .iter()
+                .any(|r| r.dst == *block && r.oif == Some(dev.index))
+            {
+                continue;
+            }
+            let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(block.network(), block.prefix())
+                .protocol(RouteProtocol::Other(TUNNEL_ROUTE_PROTOCOL))
+                .output_interface(dev.index)
+                .scope(RouteScope::Link)
+                .build();
+            let r = self.handle.route().add(msg).replace().execute().await;
+            if let Err(e) = r.map_err(|e| classify(format!("route {block} via {tunnel_if}"), e)) {
+                errors.push(e);
+            }
+        }
+        DatapathError::collect(errors)
+    }
+
+    async fn default_address(&self) -> Result<Option<Ipv4Addr>, DatapathError> {
+        let Some(oif) = self
+            .routes()
+            .await?
+            .into_iter()
+            .find(|r| r.dst.prefix() == 0 && r.kind == RouteType::Unicast)
+            .and_then(|r| r.oif)
+        else {
+            return Ok(None);
+        };
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(oif)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| classify("list underlay addresses", e))?;
+        Ok(addrs.iter().find_map(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            })
+        }))
     }
 }

@@ -1,7 +1,7 @@
 //! Every key weft writes, in one place (the schema is documented in
 //! `docs/architecture.md`). Keys are relative: a store may put them under a prefix.
 //!
-//! Cluster-wide (shared by hosts): `pools/`, `blocks/`. Host-local: `networks/`,
+//! Cluster-wide (shared by hosts): `pools/`, `blocks/`, `hosts/`. Host-local: `networks/`,
 //! `endpoints/`, `addresses/`. CIDRs are written with `_` instead of `/` so that a
 //! key segment never contains a slash.
 
@@ -14,6 +14,7 @@ pub const BLOCKS: &str = "blocks/";
 pub const NETWORKS: &str = "networks/";
 pub const ENDPOINTS: &str = "endpoints/";
 pub const ADDRESSES: &str = "addresses/";
+pub const HOSTS: &str = "hosts/";
 
 pub fn cidr_segment(net: Ipv4Network) -> String {
     format!("{}_{}", net.network(), net.prefix())
@@ -29,6 +30,10 @@ pub fn blocks_of(pool: Ipv4Network) -> String {
 
 pub fn block(pool: Ipv4Network, block: Ipv4Network) -> String {
     format!("{}{}", blocks_of(pool), cidr_segment(block))
+}
+
+pub fn host(id: &str) -> String {
+    format!("{HOSTS}{id}")
 }
 
 pub fn network(id: &str) -> String {

@@ -1,0 +1,255 @@
+//! `weft status`: this host's view of the mesh, served by the daemon on its socket
+//! (`POST /weft.Status`, a path dockerd never calls) and printed by the CLI.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{Driver, DriverError};
+use crate::ipam::BlockRecord;
+use crate::mesh::Mesh;
+use crate::store::{keys, Store, StoreExt};
+
+pub struct StatusSource {
+    pub host: String,
+    pub cluster: Arc<dyn Store>,
+    pub mesh: Option<Arc<Mesh>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub host: String,
+    pub mode: String,
+    pub hosts: Vec<HostStatus>,
+    pub networks: Vec<NetworkStatus>,
+    pub blocks: Vec<String>,
+    pub endpoints: Vec<EndpointStatus>,
+    /// Why part of the view is missing (e.g. etcd unreachable), if it is.
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostStatus {
+    pub id: String,
+    pub endpoint: String,
+    pub key_fingerprint: String,
+    pub this_host: bool,
+    pub last_handshake_secs_ago: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub blocks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NetworkStatus {
+    pub id: String,
+    pub subnet: String,
+    pub gateway: Option<String>,
+    pub internal: bool,
+    pub mtu: u32,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EndpointStatus {
+    pub id: String,
+    pub network: String,
+    pub address: String,
+    pub link: String,
+    pub joined: bool,
+}
+
+fn fingerprint(key: &str) -> String {
+    key.chars().take(10).collect()
+}
+
+impl StatusSource {
+    pub async fn collect(&self, driver: &Driver) -> Result<Status, DriverError> {
+        let mut errors = Vec::new();
+        let networks = driver
+            .networks()
+            .await?
+            .into_iter()
+            .map(|n| NetworkStatus {
+                id: n.id.chars().take(12).collect(),
+                subnet: n.subnet.to_string(),
+                gateway: n.gateway.map(|g| g.to_string()),
+                internal: n.internal,
+                mtu: n.mtu,
+                name: n.name,
+            })
+            .collect();
+        let endpoints = driver
+            .endpoints()
+            .await?
+            .into_iter()
+            .map(|e| EndpointStatus {
+                id: e.id.chars().take(12).collect(),
+                network: e.network_id.chars().take(12).collect(),
+                address: e.address.to_string(),
+                link: e.host_if,
+                joined: e.joined,
+            })
+            .collect();
+        let all_blocks: Vec<(String, String)> =
+            match self.cluster.list_json::<BlockRecord>(keys::BLOCKS).await {
+                Ok(list) => list
+                    .into_iter()
+                    .filter_map(|(k, r)| {
+                        Some((k.rsplit('/').next()?.replacen('_', "/", 1), r.value.host))
+                    })
+                    .collect(),
+                Err(e) => {
+                    errors.push(format!("blocks: {e}"));
+                    Vec::new()
+                }
+            };
+        let blocks_of = |h: &str| {
+            all_blocks
+                .iter()
+                .filter(|(_, o)| o == h)
+                .map(|(b, _)| b.clone())
+                .collect::<Vec<_>>()
+        };
+        let mut hosts = Vec::new();
+        if let Some(mesh) = &self.mesh {
+            let peers = mesh.tunnel().peers().await.unwrap_or_else(|e| {
+                errors.push(format!("tunnel: {e}"));
+                Vec::new()
+            });
+            match mesh.hosts().await {
+                Ok(list) => {
+                    for h in list {
+                        let peer = peers.iter().find(|p| p.public_key == h.public_key);
+                        hosts.push(HostStatus {
+                            this_host: h.id == self.host,
+                            blocks: blocks_of(&h.id),
+                            last_handshake_secs_ago: peer
+                                .and_then(|p| p.last_handshake)
+                                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                                .map(|d| d.as_secs()),
+                            rx_bytes: peer.map_or(0, |p| p.rx_bytes),
+                            tx_bytes: peer.map_or(0, |p| p.tx_bytes),
+                            key_fingerprint: fingerprint(&h.public_key),
+                            endpoint: h.endpoint.to_string(),
+                            id: h.id,
+                        });
+                    }
+                }
+                Err(e) => errors.push(format!("hosts: {e}")),
+            }
+        }
+        Ok(Status {
+            mode: if self.mesh.is_some() {
+                "multi-host (etcd, WireGuard)"
+            } else {
+                "single host (embedded store)"
+            }
+            .into(),
+            blocks: blocks_of(&self.host),
+            host: self.host.clone(),
+            hosts,
+            networks,
+            endpoints,
+            errors,
+        })
+    }
+}
+
+/// Renders a status for people.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "host {} — {}", s.host, s.mode);
+    if !s.hosts.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nHOSTS\n  {:<18} {:<22} {:<12} {:>10} {:>12} {:>12}  BLOCKS",
+            "ID", "ENDPOINT", "KEY", "HANDSHAKE", "RX", "TX"
+        );
+        for h in &s.hosts {
+            let hs = match (h.this_host, h.last_handshake_secs_ago) {
+                (true, _) => "(this host)".to_string(),
+                (false, Some(secs)) => format!("{secs}s ago"),
+                (false, None) => "never".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<18} {:<22} {:<12} {:>10} {:>12} {:>12}  {}",
+                h.id,
+                h.endpoint,
+                h.key_fingerprint,
+                hs,
+                h.rx_bytes,
+                h.tx_bytes,
+                h.blocks.join(" ")
+            );
+        }
+    }
+    let _ = writeln!(out, "\nNETWORKS");
+    for n in &s.networks {
+        let _ = writeln!(
+            out,
+            "  {:<14} {:<18} gateway {:<15} mtu {:<5} {}{}",
+            n.id,
+            n.subnet,
+            n.gateway.as_deref().unwrap_or("-"),
+            n.mtu,
+            if n.internal { "internal " } else { "" },
+            n.name.as_deref().unwrap_or("")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nBLOCKS OWNED HERE\n  {}",
+        if s.blocks.is_empty() {
+            "-".to_string()
+        } else {
+            s.blocks.join(" ")
+        }
+    );
+    let _ = writeln!(out, "\nENDPOINTS");
+    for e in &s.endpoints {
+        let _ = writeln!(
+            out,
+            "  {:<14} net {:<14} {:<15} {:<16} {}",
+            e.id,
+            e.network,
+            e.address,
+            e.link,
+            if e.joined { "joined" } else { "created" }
+        );
+    }
+    for e in &s.errors {
+        let _ = writeln!(out, "\nwarning: {e}");
+    }
+    out
+}
+
+/// The CLI side: asks the daemon over its socket.
+pub async fn fetch(socket: &std::path::Path) -> anyhow::Result<Status> {
+    use anyhow::Context;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to {} (is weft running?)", socket.display()))?;
+    stream
+        .write_all(b"POST /weft.Status HTTP/1.1\r\nHost: weft\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed reply from weft")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "weft answered: {}",
+        head.lines().next().unwrap_or("")
+    );
+    // Tolerate chunked encoding by taking the JSON object out of the body.
+    let json = &body[body.find('{').context("no JSON in reply")?
+        ..=body.rfind('}').context("no JSON in reply")?];
+    Ok(serde_json::from_str(json)?)
+}

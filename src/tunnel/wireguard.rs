@@ -1,0 +1,292 @@
+//! WireGuard through wireguard-control: the kernel module where the kernel has it,
+//! otherwise a userspace implementation (`wireguard-go` by default) running as its
+//! own process. That process is not weft's child in any way that matters: it keeps
+//! forwarding while weft restarts, and a restarted weft adopts it through its UAPI
+//! socket (`/var/run/wireguard/<iface>.sock`) instead of starting another.
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
+use rtnetlink::{LinkUnspec, LinkWireguard};
+use tracing::{debug, info, warn};
+use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
+
+use super::{diff, Peer, PeerDiff, PeerStatus, Tunnel, TunnelError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Kernel WireGuard if the kernel has it, else userspace.
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+pub struct WireGuardConfig {
+    pub interface: String,
+    pub listen_port: u16,
+    pub mtu: u32,
+    pub mode: Mode,
+    /// Userspace implementation to start (`wireguard-go`, or e.g. `boringtun-cli`).
+    pub userspace_binary: String,
+}
+
+pub struct WireGuard {
+    name: String,
+    iface: InterfaceName,
+    private_key: Key,
+    config: WireGuardConfig,
+    backend: Mutex<Option<Backend>>,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TunnelError {
+    let what = what.into();
+    move |source| TunnelError::Io { what, source }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TunnelError> + Send + 'static,
+) -> Result<T, TunnelError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TunnelError::Setup(format!("worker failed: {e}")))?
+}
+
+impl WireGuard {
+    pub fn new(config: WireGuardConfig, private_key: Key) -> Result<Self, TunnelError> {
+        let iface: InterfaceName = config.interface.parse().map_err(|_| {
+            TunnelError::Setup(format!("invalid interface name {:?}", config.interface))
+        })?;
+        Ok(Self {
+            name: config.interface.clone(),
+            iface,
+            private_key,
+            config,
+            backend: Mutex::new(None),
+        })
+    }
+
+    fn backend(&self) -> Result<Backend, TunnelError> {
+        self.backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ok_or_else(|| TunnelError::Setup("device not set up yet".into()))
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self
+            .backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(Backend::Kernel) => "kernel",
+            Some(Backend::Userspace) => "userspace",
+            _ => "none",
+        }
+    }
+
+    /// Tries to create a kernel WireGuard link (fine if it already exists).
+    async fn kernel_link(&self, handle: &rtnetlink::Handle) -> Result<(), String> {
+        let exists = handle
+            .link()
+            .get()
+            .match_name(self.name.clone())
+            .execute()
+            .try_next()
+            .await
+            .is_ok();
+        if exists && Device::get(&self.iface, Backend::Kernel).is_ok() {
+            return Ok(());
+        }
+        handle
+            .link()
+            .add(LinkWireguard::new(&self.name).build())
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn userspace_running(&self) -> bool {
+        Device::get(&self.iface, Backend::Userspace).is_ok()
+    }
+
+    fn start_userspace(&self) -> Result<(), TunnelError> {
+        let bin = &self.config.userspace_binary;
+        info!(binary = %bin, interface = %self.name, "starting userspace WireGuard");
+        // wireguard-go daemonises itself: the command returns once the device is up,
+        // and the daemon is reparented, so it outlives weft.
+        let out = Command::new(bin)
+            .arg(&self.name)
+            .env("WG_PROCESS_FOREGROUND", "")
+            .output()
+            .map_err(io(format!("start {bin} (is it installed?)")))?;
+        if !out.status.success() {
+            return Err(TunnelError::Setup(format!(
+                "{bin} {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn set_link_up(&self, handle: &rtnetlink::Handle) -> Result<(), TunnelError> {
+        let mut found = None;
+        for _ in 0..50 {
+            if let Ok(Some(msg)) = handle
+                .link()
+                .get()
+                .match_name(self.name.clone())
+                .execute()
+                .try_next()
+                .await
+            {
+                found = Some(msg.header.index);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let index = found
+            .ok_or_else(|| TunnelError::Setup(format!("link {} did not appear", self.name)))?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .mtu(self.config.mtu)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| {
+                TunnelError::Setup(format!(
+                    "set {} up with MTU {}: {e}",
+                    self.name, self.config.mtu
+                ))
+            })
+    }
+}
+
+fn status(info: &wireguard_control::PeerInfo) -> PeerStatus {
+    PeerStatus {
+        public_key: info.config.public_key.to_base64(),
+        endpoint: info.config.endpoint,
+        allowed_ips: info
+            .config
+            .allowed_ips
+            .iter()
+            .filter_map(|a| match a.address {
+                IpAddr::V4(ip) => Ipv4Network::new(ip, a.cidr).ok(),
+                IpAddr::V6(_) => None,
+            })
+            .collect(),
+        last_handshake: info.stats.last_handshake_time,
+        rx_bytes: info.stats.rx_bytes,
+        tx_bytes: info.stats.tx_bytes,
+    }
+}
+
+#[async_trait]
+impl Tunnel for WireGuard {
+    fn interface(&self) -> &str {
+        &self.name
+    }
+
+    fn public_key(&self) -> String {
+        self.private_key.get_public().to_base64()
+    }
+
+    async fn ensure_device(&self) -> Result<(), TunnelError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(io("netlink socket"))?;
+        let conn = tokio::spawn(connection);
+        let backend = match self.config.mode {
+            Mode::Userspace => Backend::Userspace,
+            Mode::Kernel => {
+                self.kernel_link(&handle).await.map_err(|e| {
+                    TunnelError::Setup(format!("kernel WireGuard unavailable: {e}"))
+                })?;
+                Backend::Kernel
+            }
+            Mode::Auto => match self.kernel_link(&handle).await {
+                Ok(()) => Backend::Kernel,
+                Err(e) => {
+                    debug!(error = %e, "no kernel WireGuard; using userspace");
+                    Backend::Userspace
+                }
+            },
+        };
+        if backend == Backend::Userspace {
+            if self.userspace_running() {
+                info!(interface = %self.name, "adopting running userspace WireGuard");
+            } else {
+                self.start_userspace()?;
+            }
+        }
+        *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend);
+        let iface = self.iface;
+        let key = self.private_key.clone();
+        let port = self.config.listen_port;
+        blocking(move || {
+            DeviceUpdate::new()
+                .set_private_key(key)
+                .set_listen_port(port)
+                .apply(&iface, backend)
+                .map_err(io("configure device"))
+        })
+        .await?;
+        let up = self.set_link_up(&handle).await;
+        conn.abort();
+        up?;
+        info!(interface = %self.name, backend = self.backend_name(), port, mtu = self.config.mtu, "WireGuard device ready");
+        Ok(())
+    }
+
+    async fn apply_peers(&self, desired: &[Peer]) -> Result<PeerDiff, TunnelError> {
+        let actual = self.peers().await?;
+        let (changes, removals, stats) = diff(desired, &actual);
+        if stats.is_empty() {
+            return Ok(stats);
+        }
+        let mut update = DeviceUpdate::new();
+        for peer in changes {
+            let key = Key::from_base64(&peer.public_key).map_err(|_| {
+                TunnelError::Setup(format!("peer key {:?} is not valid", peer.public_key))
+            })?;
+            let mut builder = PeerConfigBuilder::new(&key)
+                .set_endpoint(peer.endpoint)
+                .replace_allowed_ips();
+            for net in &peer.allowed_ips {
+                builder = builder.add_allowed_ip(IpAddr::V4(net.network()), net.prefix());
+            }
+            if let Some(k) = peer.keepalive {
+                builder = builder.set_persistent_keepalive_interval(k);
+            }
+            update = update.add_peer(builder);
+        }
+        for key in &removals {
+            match Key::from_base64(key) {
+                Ok(k) => update = update.remove_peer_by_key(&k),
+                Err(_) => warn!(%key, "device holds a peer with an unreadable key"),
+            }
+        }
+        let iface = self.iface;
+        let backend = self.backend()?;
+        blocking(move || update.apply(&iface, backend).map_err(io("apply peers"))).await?;
+        Ok(stats)
+    }
+
+    async fn peers(&self) -> Result<Vec<PeerStatus>, TunnelError> {
+        let iface = self.iface;
+        let backend = self.backend()?;
+        blocking(move || {
+            let device = Device::get(&iface, backend).map_err(io("read device"))?;
+            Ok(device.peers.iter().map(status).collect())
+        })
+        .await
+    }
+}
