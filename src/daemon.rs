@@ -107,6 +107,7 @@ async fn start_cluster(
             mtu: underlay_mtu.saturating_sub(config.mtu_overhead),
             mode: cluster.wireguard,
             userspace_binary: cluster.wireguard_userspace.clone(),
+            log_file: config.state_dir.join("wireguard.log"),
         },
         key,
     )?;

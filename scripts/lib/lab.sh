@@ -51,6 +51,32 @@ lab_wan_up() {
   ip -n "$LAB_WAN" link set br0 up
 }
 
+# etcd for the lab, in the wan namespace at 192.0.2.1:2379 (reachable from every host).
+lab_etcd_up() {
+  lab_wan_up
+  [ -f "$LAB_ROOT/etcd.pid" ] && return 0
+  mkdir -p "$LAB_ROOT/etcd"
+  ip netns exec "$LAB_WAN" etcd --name lab --data-dir "$LAB_ROOT/etcd/data" \
+    --listen-client-urls http://192.0.2.1:2379 --advertise-client-urls http://192.0.2.1:2379 \
+    --listen-peer-urls http://192.0.2.1:2380 --initial-advertise-peer-urls http://192.0.2.1:2380 \
+    --initial-cluster lab=http://192.0.2.1:2380 </dev/null >"$LAB_ROOT/etcd/etcd.log" 2>&1 &
+  echo $! >"$LAB_ROOT/etcd.pid"
+  disown $! 2>/dev/null || true
+  for _ in $(seq 100); do
+    ip netns exec "$LAB_WAN" curl -sf http://192.0.2.1:2379/health >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  lab_log "etcd did not come up"; tail -20 "$LAB_ROOT/etcd/etcd.log" >&2; return 1
+}
+
+lab_etcd_stop() {
+  local pid
+  pid=$(cat "$LAB_ROOT/etcd.pid" 2>/dev/null) || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
 # lab_host_up NAME INDEX: a host with underlay address 192.0.2.(10+INDEX).
 lab_host_up() {
   local host=$1 index=$2 dir ns
@@ -67,9 +93,10 @@ lab_host_up() {
   # Real hosts run with FORWARD policy DROP (dockerd sets it); so do the tests.
   ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
   ip netns exec "$ns" iptables -P FORWARD DROP
-  mkdir -p /run/docker
+  mkdir -p /run/docker /run/wireguard
   nsenter --net="/run/netns/$ns" unshare -m --propagation private \
-    sh -c 'mount -t tmpfs -o mode=755 weft-lab /run/docker && mkdir -p /run/docker/plugins && exec sleep infinity' \
+    sh -c 'mount -t tmpfs -o mode=755 weft-lab /run/docker && mkdir -p /run/docker/plugins &&
+           mount -t tmpfs -o mode=755 weft-lab /run/wireguard && exec sleep infinity' \
     </dev/null >/dev/null 2>&1 &
   # unshare forks nothing without --fork: $! is the holder itself.
   disown $! 2>/dev/null || true
@@ -85,8 +112,10 @@ lab_host_up() {
 lab_weft_start() {
   local host=$1 dir
   dir=$(lab_dir "$host")
+  local cluster=()
+  [ -f "$LAB_ROOT/etcd.pid" ] && cluster=(--etcd-endpoints http://192.0.2.1:2379 --host-ttl "${WEFT_HOST_TTL:-4}")
   lab_spawn "$host" "$dir/weft.log" env WEFT_LOG="${WEFT_LOG:-info,weft=debug}" "$WEFT_BIN" daemon \
-    --state-dir "$dir/state" --reconcile-interval "${WEFT_RECONCILE_INTERVAL:-2}" >"$dir/weft.pid"
+    --state-dir "$dir/state" --reconcile-interval "${WEFT_RECONCILE_INTERVAL:-2}" "${cluster[@]}" >"$dir/weft.pid"
   for _ in $(seq 100); do
     # Ready means answering, not just a socket file (a stale one may be there).
     lab_exec "$host" curl -sf --max-time 1 --unix-socket /run/docker/plugins/weft.sock \
@@ -169,8 +198,9 @@ lab_host_down() {
 lab_down() {
   local d
   for d in "$LAB_ROOT"/*/; do
-    [ -d "$d" ] && lab_host_down "$(basename "$d")"
+    [ -f "$d/holder.pid" ] && lab_host_down "$(basename "$d")"
   done
+  lab_etcd_stop
   ip netns del "$LAB_WAN" 2>/dev/null || true
   rm -rf "$LAB_ROOT"
 }

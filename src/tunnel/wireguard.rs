@@ -33,6 +33,8 @@ pub struct WireGuardConfig {
     pub mode: Mode,
     /// Userspace implementation to start (`wireguard-go`, or e.g. `boringtun-cli`).
     pub userspace_binary: String,
+    /// Where the userspace implementation's output goes.
+    pub log_file: std::path::PathBuf,
 }
 
 pub struct WireGuard {
@@ -119,17 +121,28 @@ impl WireGuard {
         let bin = &self.config.userspace_binary;
         info!(binary = %bin, interface = %self.name, "starting userspace WireGuard");
         // wireguard-go daemonises itself: the command returns once the device is up,
-        // and the daemon is reparented, so it outlives weft.
-        let out = Command::new(bin)
+        // and the daemon is reparented, so it outlives weft. Its output goes to a file:
+        // the daemon keeps it open, so a pipe would never reach end-of-file.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.config.log_file)
+            .map_err(io(format!("open {}", self.config.log_file.display())))?;
+        let status = Command::new(bin)
             .arg(&self.name)
-            .env("WG_PROCESS_FOREGROUND", "")
-            .output()
+            // Set only by wireguard-go itself for its daemon child; inheriting it would
+            // keep the first process in the foreground.
+            .env_remove("WG_PROCESS_FOREGROUND")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(io("log file"))?)
+            .stderr(log)
+            .status()
             .map_err(io(format!("start {bin} (is it installed?)")))?;
-        if !out.status.success() {
+        if !status.success() {
             return Err(TunnelError::Setup(format!(
-                "{bin} {} failed: {}",
+                "{bin} {} exited with {status}; see {}",
                 self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
+                self.config.log_file.display()
             )));
         }
         Ok(())
