@@ -2,8 +2,10 @@
 # Runs every test of weft. As root, from a fresh clone, on Debian 12 with the Rust
 # toolchain: installs what it needs, then runs, in order:
 #   lint (fmt, clippy) -> unit and API tests -> datapath tests as root in a throwaway
-#   network namespace -> end-to-end against a real dockerd 20.10 and 26.1, each in
-#   namespaces of its own (never the machine's Docker or default namespace).
+#   network namespace -> the etcd store against a real etcd -> end-to-end against a
+#   real dockerd 20.10 and 26.1 on one host, and across three hosts with etcd and
+#   WireGuard, each in namespaces of its own (never the machine's Docker or default
+#   namespace).
 # Set WEFT_SKIP_DOCKER26=1 to test against dockerd 20.10 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +35,9 @@ unshare --net -- scripts/lib/etcd-test.sh cargo test --locked --offline --test s
 
 step "end to end, dockerd 20.10"
 DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/single_host.sh
+
+step "end to end across hosts (etcd, WireGuard), dockerd 20.10"
+DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/multi_host.sh
 
 if [ "${WEFT_SKIP_DOCKER26:-0}" != 1 ]; then
   step "end to end, dockerd 26.1"

@@ -245,6 +245,13 @@ impl Tunnel for WireGuard {
         let key = self.private_key.clone();
         let port = self.config.listen_port;
         blocking(move || {
+            // An adopted device that already has our key and port is left alone:
+            // re-setting the port rebinds its socket, which could drop packets.
+            if let Ok(device) = Device::get(&iface, backend) {
+                if device.private_key.as_ref() == Some(&key) && device.listen_port == Some(port) {
+                    return Ok(());
+                }
+            }
             DeviceUpdate::new()
                 .set_private_key(key)
                 .set_listen_port(port)

@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# End to end across hosts: a lab of simulated hosts (own netns, mount ns, dockerd and
+# weft each) on one underlay bridge, with one etcd. Run as root; see scripts/test.sh.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+export LAB_ROOT=${LAB_ROOT:-/tmp/weft-mh-$$} LAB_PREFIX=${LAB_PREFIX:-wmh$$}
+export WEFT_HOST_TTL=${WEFT_HOST_TTL:-4}
+# shellcheck source=../../scripts/lib/lab.sh
+source "$REPO/scripts/lib/lab.sh"
+# shellcheck source=lib.sh
+source "$REPO/tests/e2e/lib.sh"
+
+D() { local h=$1; shift; lab_docker "$h" "$@"; }
+ip_of() { D "$1" inspect -f "{{(index .NetworkSettings.Networks \"$3\").IPAddress}}" "$2"; }
+run_bb() { local h=$1; shift; D "$h" run -d --name "$@" "$LAB_IMAGE" sleep 3600 >/dev/null; }
+pings() { D "$1" exec "$2" ping -c "${4:-1}" -W 2 "$3" >/dev/null 2>&1; }
+
+# Number of WireGuard peers on a host, read from its UAPI socket.
+peer_count() {
+  lab_exec "$1" python3 - <<'PY'
+import socket
+s = socket.socket(socket.AF_UNIX)
+s.connect("/run/wireguard/weft0.sock")
+s.sendall(b"get=1\n\n")
+data = b""
+while not data.endswith(b"\n\n"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(sum(1 for line in data.decode().splitlines() if line.startswith("public_key=")))
+PY
+}
+
+# Seconds (float) until peer_count on $1 equals $2, polling every 20 ms; "timeout" after $3 s.
+time_until_peers() {
+  lab_exec "$1" python3 - "$2" "$3" <<'PY'
+import socket, sys, time
+want, limit = int(sys.argv[1]), float(sys.argv[2])
+def count():
+    try:
+        s = socket.socket(socket.AF_UNIX); s.connect("/run/wireguard/weft0.sock"); s.sendall(b"get=1\n\n")
+        data = b""
+        while not data.endswith(b"\n\n"):
+            c = s.recv(65536)
+            if not c: break
+            data += c
+        return sum(1 for l in data.decode().splitlines() if l.startswith("public_key="))
+    except OSError:
+        return -1
+start = time.time()
+while time.time() - start < limit:
+    if count() == want:
+        print(f"{time.time():.3f}"); sys.exit(0)
+    time.sleep(0.02)
+print("timeout"); sys.exit(1)
+PY
+}
+
+cleanup() { lab_down; }
+trap cleanup EXIT
+
+test_network_on_every_host_and_cross_host_traffic() {
+  for h in h1 h2; do
+    D $h network create -d weft --ipam-driver weft --subnet 10.42.0.0/16 -o weft.network=app app >/dev/null
+  done
+  run_bb h1 c1 --network app
+  run_bb h2 c2 --network app
+  local a b
+  a=$(ip_of h1 c1 app); b=$(ip_of h2 c2 app)
+  [ "$a" != "$b" ]
+  retry 25 pings h1 c1 "$b"
+  pings h2 c2 "$a" 3
+  # 10 MB with full-size segments through the tunnel: no PMTU black hole.
+  D h2 exec c2 sh -c 'mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=10 2>/dev/null && httpd -p 8080 -h /www'
+  D h1 exec c1 wget -q -O /tmp/blob "http://$b:8080/blob"
+  [ "$(D h1 exec c1 md5sum /tmp/blob | cut -d' ' -f1)" = "$(D h2 exec c2 md5sum /www/blob | cut -d' ' -f1)" ]
+  [ "$(D h1 exec c1 cat /sys/class/net/eth0/mtu)" = 1420 ]
+  lab_exec h1 ip -o link show weft0 | grep -q 'mtu 1420 ' || fail "weft0: $(lab_exec h1 ip -o link show weft0)"
+}
+
+test_only_wireguard_crosses_the_underlay() {
+  local b marker cap
+  b=$(ip_of h2 c2 app)
+  marker="WEFT-MARKER-$RANDOM$RANDOM"
+  cap="$LAB_ROOT/underlay.pcap"
+  D h2 exec c2 sh -c "for i in \$(seq 200); do echo $marker; done > /www/marker.txt"
+  ip netns exec "$LAB_WAN" timeout 6 tcpdump -i br0 -U -w "$cap" 'host 192.0.2.11 and host 192.0.2.12' 2>/dev/null &
+  sleep 1
+  D h1 exec c1 wget -q -O /tmp/marker.txt "http://$b:8080/marker.txt"
+  D h1 exec c1 grep -q "$marker" /tmp/marker.txt
+  pings h1 c1 "$b" 3
+  wait || true
+  [ "$(tcpdump -r "$cap" -n 2>/dev/null | wc -l)" -gt 0 ] || fail "capture saw no traffic between the hosts"
+  # ARP between the hosts is expected; every IP packet must be WireGuard.
+  [ "$(tcpdump -r "$cap" -n 'ip and not udp port 51820' 2>/dev/null | wc -l)" = 0 ] ||
+    fail "non-WireGuard traffic between hosts: $(tcpdump -r "$cap" -n 'ip and not udp port 51820' 2>/dev/null | head -3)"
+  ! tcpdump -r "$cap" -A 2>/dev/null | grep -q "$marker" || fail "the marker crossed the underlay in clear"
+}
+
+test_thirty_containers_at_once_get_distinct_addresses() {
+  local pids=() h i
+  for i in $(seq 30); do
+    h=h$(( (i % 2) + 1 ))
+    D $h run -d --name "m$i" --network app "$LAB_IMAGE" sleep 3600 >/dev/null &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  local ips
+  ips=$(for i in $(seq 30); do ip_of "h$(( (i % 2) + 1 ))" "m$i" app; done)
+  [ "$(echo "$ips" | grep -c .)" = 30 ] || fail "not every container got an address"
+  [ "$(echo "$ips" | sort -u | wc -l)" = 30 ] || fail "duplicates: $(echo "$ips" | sort | uniq -d)"
+  pings h1 m2 "$(ip_of h2 m1 app)"
+  for i in $(seq 30); do D "h$(( (i % 2) + 1 ))" rm -f "m$i" >/dev/null & done
+  wait
+}
+
+test_networks_stay_isolated_across_hosts() {
+  for h in h1 h2; do D $h network create -d weft --ipam-driver weft --subnet 10.43.0.0/16 other >/dev/null; done
+  run_bb h2 o2 --network other
+  run_bb h1 o1 --network other
+  retry 25 pings h1 o1 "$(ip_of h2 o2 other)"
+  pings h1 c1 "$(ip_of h2 o2 other)" && fail "app on h1 reached other on h2"
+  pings h2 o2 "$(ip_of h1 c1 app)" && fail "other on h2 reached app on h1"
+  return 0
+}
+
+test_weft_restart_during_cross_host_ping_loses_nothing() {
+  local b
+  b=$(ip_of h2 c2 app)
+  D h1 exec -d c1 sh -c "ping -i 0.1 -c 60 $b > /tmp/ping.log 2>&1"
+  sleep 1
+  lab_weft_stop h1 KILL
+  sleep 1
+  lab_weft_start h1
+  retry 50 sh -c "docker -H unix://$(lab_dir h1)/docker.sock exec c1 grep -q 'packet loss' /tmp/ping.log"
+  D h1 exec c1 cat /tmp/ping.log | grep -q ' 0% packet loss' || fail "$(D h1 exec c1 tail -2 /tmp/ping.log)"
+  grep -q "adopting running userspace WireGuard" "$(lab_dir h1)/weft.log" || fail "userspace WireGuard was not adopted"
+}
+
+test_late_host_converges_within_a_second() {
+  [ "$(peer_count h1)" = 1 ]
+  time_until_peers h1 2 30 >"$LAB_ROOT/h1.seen" &
+  local w1=$!
+  time_until_peers h2 2 30 >"$LAB_ROOT/h2.seen" &
+  local w2=$!
+  lab_host_up h3 3
+  wait $w1 || fail "h1 never programmed h3"
+  wait $w2 || fail "h2 never programmed h3"
+  local registered
+  registered=$(python3 - "$(lab_dir h3)/weft.log" <<'PY'
+import re, sys, datetime
+for line in open(sys.argv[1]):
+    if "host registered" in line:
+        ts = line.split()[0].rstrip("Z")
+        print(datetime.datetime.fromisoformat(ts).replace(tzinfo=datetime.timezone.utc).timestamp()); break
+PY
+)
+  [ -n "$registered" ] || fail "h3 never registered"
+  for h in h1 h2; do
+    python3 -c "import sys; lag=float(sys.argv[1])-float(sys.argv[2]); print(f'    {sys.argv[3]}: programmed {lag:.3f}s after registration'); sys.exit(0 if lag <= 1.0 else 1)" \
+      "$(cat "$LAB_ROOT/$h.seen")" "$registered" "$h" || fail "$h converged too slowly"
+  done
+  lab_image h3
+  D h3 network create -d weft --ipam-driver weft --subnet 10.42.0.0/16 app >/dev/null
+  run_bb h3 c3 --network app
+  retry 25 pings h3 c3 "$(ip_of h1 c1 app)"
+}
+
+test_a_vanished_host_is_evicted() {
+  local killed
+  # Everything of h3 dies at once and its underlay link goes down.
+  for pid in $(ip netns pids "$(lab_ns h3)"); do
+    [ "$pid" = "$(lab_holder h3)" ] || kill -KILL "$pid" 2>/dev/null || true
+  done
+  ip -n "$(lab_ns h3)" link set eth0 down
+  killed=$(python3 -c 'import time; print(time.time())')
+  time_until_peers h1 1 30 >"$LAB_ROOT/evicted" || fail "h3 never evicted from h1"
+  python3 -c "import sys; lag=float(sys.argv[1])-float(sys.argv[2]); print(f'    evicted {lag:.3f}s after the kill (TTL {sys.argv[3]}s)'); sys.exit(0 if lag <= float(sys.argv[3]) + 1.5 else 1)" \
+    "$(cat "$LAB_ROOT/evicted")" "$killed" "$WEFT_HOST_TTL" || fail "eviction too slow"
+  [ "$(peer_count h2)" = 1 ] || fail "h2 still has h3"
+  lab_exec h1 ip route show proto 88 | grep -q . || fail "h1 lost its routes to h2"
+}
+
+test_traffic_survives_etcd_loss_and_weft_recovers() {
+  local b started elapsed out
+  b=$(ip_of h2 c2 app)
+  lab_etcd_stop
+  sleep 1
+  pings h1 c1 "$b" 3 || fail "existing traffic stopped with etcd"
+  started=$(date +%s%N)
+  out=$(D h1 run -d --name during --network app "$LAB_IMAGE" sleep 60 2>&1) && echo "    docker run succeeded without etcd" || echo "    docker run refused without etcd: $(echo "$out" | grep -m1 -i error)"
+  elapsed=$(( ($(date +%s%N) - started) / 1000000 ))
+  echo "    docker run answered in ${elapsed} ms"
+  [ "$elapsed" -lt 5000 ] || fail "docker run took ${elapsed} ms without etcd"
+  D h1 rm -f during >/dev/null 2>&1 || true
+  rm -f "$LAB_ROOT/etcd.pid"
+  lab_etcd_up
+  retry 75 sh -c "docker -H unix://$(lab_dir h1)/docker.sock run -d --name after --network app $LAB_IMAGE sleep 60 >/dev/null 2>&1 || { docker -H unix://$(lab_dir h1)/docker.sock rm -f after >/dev/null 2>&1; false; }"
+  retry 25 pings h2 c2 "$(ip_of h1 after app)"
+}
+
+main() {
+  [ "$(id -u)" = 0 ] || { echo "multi_host: needs root"; exit 1; }
+  [ -x "$WEFT_BIN" ] || { echo "multi_host: build $WEFT_BIN first"; exit 1; }
+  echo "== weft end-to-end across hosts: $($DOCKERD_BIN --version)"
+  lab_etcd_up || exit 1
+  for i in 1 2; do lab_host_up "h$i" "$i" && lab_image "h$i" || { echo "multi_host: lab did not come up"; exit 1; }; done
+  for t in \
+    test_network_on_every_host_and_cross_host_traffic \
+    test_only_wireguard_crosses_the_underlay \
+    test_thirty_containers_at_once_get_distinct_addresses \
+    test_networks_stay_isolated_across_hosts \
+    test_weft_restart_during_cross_host_ping_loses_nothing \
+    test_late_host_converges_within_a_second \
+    test_a_vanished_host_is_evicted \
+    test_traffic_survives_etcd_loss_and_weft_recovers; do
+    run_test "$t"
+  done
+  summary "multi-host e2e"
+}
+
+main "$@"
