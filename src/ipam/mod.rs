@@ -15,7 +15,7 @@ use std::sync::Arc;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
 use crate::datapath::Datapath;
 use crate::driver::NetworkRecord;
@@ -156,6 +156,9 @@ pub struct Ipam {
     config: IpamConfig,
     /// Serialises this host's allocation decisions; other hosts are kept out by CAS.
     alloc: Mutex<()>,
+    /// The pool records this host last read or wrote, so that a container address
+    /// from an owned block needs no cluster round trip (and works while etcd is down).
+    pools: std::sync::Mutex<BTreeMap<Ipv4Network, PoolRecord>>,
 }
 
 impl Ipam {
@@ -173,6 +176,7 @@ impl Ipam {
             routes,
             config,
             alloc: Mutex::new(()),
+            pools: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -273,8 +277,7 @@ impl Ipam {
             )));
         }
         let host = self.host.clone();
-        self.cluster
-            .modify_json::<PoolRecord, IpamError, _>(&keys::pool(pool), |current| {
+        self.modify_pool(pool, |current| {
                 let mut rec = match current {
                     None => PoolRecord {
                         pool,
@@ -343,6 +346,7 @@ impl Ipam {
                     .await?
                     .is_some()
                 {
+                    self.remember(candidate, Some(&rec));
                     return Ok(candidate);
                 }
             }
@@ -363,8 +367,7 @@ impl Ipam {
         let _guard = self.alloc.lock().await;
         let host = self.host.clone();
         let after = self
-            .cluster
-            .modify_json::<PoolRecord, IpamError, _>(&keys::pool(id.pool), |current| {
+            .modify_pool(id.pool, |current| {
                 let Some(mut rec) = current else {
                     return Ok(None);
                 };
@@ -438,13 +441,48 @@ impl Ipam {
         Ok(Ipv4Network::new(ip, id.pool.prefix()).expect("pool prefix"))
     }
 
+    /// Compare-and-set on a pool record, keeping the cache in step.
+    async fn modify_pool<F>(&self, pool: Ipv4Network, f: F) -> Result<Option<PoolRecord>, IpamError>
+    where
+        F: FnMut(Option<PoolRecord>) -> Result<Option<PoolRecord>, IpamError> + Send,
+    {
+        let after = self
+            .cluster
+            .modify_json::<PoolRecord, IpamError, _>(&keys::pool(pool), f)
+            .await?;
+        self.remember(pool, after.as_ref());
+        Ok(after)
+    }
+
+    fn remember(&self, pool: Ipv4Network, rec: Option<&PoolRecord>) {
+        let mut cache = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        match rec {
+            Some(r) if r.refs.contains_key(&self.host) => {
+                cache.insert(pool, r.clone());
+            }
+            _ => {
+                cache.remove(&pool);
+            }
+        }
+    }
+
     async fn pool_record(&self, pool: Ipv4Network) -> Result<PoolRecord, IpamError> {
-        match self
+        if let Some(rec) = self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pool)
+        {
+            return Ok(rec.clone());
+        }
+        let rec = self
             .cluster
             .get_json::<PoolRecord>(&keys::pool(pool))
             .await?
-        {
-            Some(r) if r.value.refs.contains_key(&self.host) => Ok(r.value),
+            .map(|r| r.value);
+        self.remember(pool, rec.as_ref());
+        match rec {
+            Some(r) if r.refs.contains_key(&self.host) => Ok(r),
             _ => Err(IpamError::NotFound(format!(
                 "pool {pool} is not held by this host (was it released?)"
             ))),
@@ -482,8 +520,7 @@ impl Ipam {
     ) -> Result<Ipv4Addr, IpamError> {
         let taken = self.local_addresses(pool).await?;
         let rec = self
-            .cluster
-            .modify_json::<PoolRecord, IpamError, _>(&keys::pool(pool), |current| {
+            .modify_pool(pool, |current| {
                 let mut rec =
                     current.ok_or_else(|| IpamError::NotFound(format!("pool {pool} vanished")))?;
                 let ip = wanted
@@ -524,18 +561,17 @@ impl Ipam {
             )));
         }
         let host = self.host.clone();
-        self.cluster
-            .modify_json::<PoolRecord, IpamError, _>(&keys::pool(pool), |current| {
-                let mut rec =
-                    current.ok_or_else(|| IpamError::NotFound(format!("pool {pool} vanished")))?;
-                if !rec.aux.entry(ip).or_default().insert(host.clone()) {
-                    return Err(IpamError::Conflict(format!(
-                        "address {ip} is already reserved"
-                    )));
-                }
-                Ok(Some(rec))
-            })
-            .await?;
+        self.modify_pool(pool, |current| {
+            let mut rec =
+                current.ok_or_else(|| IpamError::NotFound(format!("pool {pool} vanished")))?;
+            if !rec.aux.entry(ip).or_default().insert(host.clone()) {
+                return Err(IpamError::Conflict(format!(
+                    "address {ip} is already reserved"
+                )));
+            }
+            Ok(Some(rec))
+        })
+        .await?;
         Ok(ip)
     }
 
@@ -623,6 +659,24 @@ impl Ipam {
     async fn allocate_dynamic(&self, pool: &PoolRecord) -> Result<Ipv4Addr, IpamError> {
         let range = pool.range();
         let reserved = pool.reserved();
+        // Fast path, local store only: a free address in a block this host already
+        // holds addresses in (blocks are released when empty, so those are owned).
+        let held = self
+            .local
+            .list_json::<AddressRecord>(&keys::addresses_of(pool.pool))
+            .await?;
+        let taken: BTreeSet<Ipv4Addr> = held
+            .iter()
+            .filter_map(|(k, _)| k.rsplit('/').next()?.parse().ok())
+            .collect();
+        let owned: BTreeSet<Ipv4Network> = held.iter().map(|(_, r)| r.value.block).collect();
+        for block in owned.into_iter().filter(|b| allocator::overlaps(*b, range)) {
+            if let Some(ip) = allocator::first_free(pool.pool, block, range, &taken, &reserved) {
+                if self.record_address(pool.pool, block, ip).await? {
+                    return Ok(ip);
+                }
+            }
+        }
         for _ in 0..CAS_RETRIES {
             let taken = self.local_addresses(pool.pool).await?;
             let blocks = self.blocks(pool.pool).await?;
@@ -693,26 +747,28 @@ impl Ipam {
         let key = keys::address(id.pool, ip);
         if let Some(rec) = self.local.get_json::<AddressRecord>(&key).await? {
             self.local.delete(&key, Some(rec.revision)).await?;
-            self.release_block_if_empty(id.pool, rec.value.block)
-                .await?;
+            // The address is free here either way; an empty block whose release fails
+            // (cluster store unreachable) stays owned until a later release.
+            if let Err(e) = self.release_block_if_empty(id.pool, rec.value.block).await {
+                warn!(error = %e, block = %rec.value.block, "could not release an empty block");
+            }
             info!("address released");
             return Ok(());
         }
         let host = self.host.clone();
-        self.cluster
-            .modify_json::<PoolRecord, IpamError, _>(&keys::pool(id.pool), |current| {
-                let Some(mut rec) = current else {
-                    return Ok(None);
-                };
-                if let Some(hosts) = rec.aux.get_mut(&ip) {
-                    hosts.remove(&host);
-                    if hosts.is_empty() {
-                        rec.aux.remove(&ip);
-                    }
+        self.modify_pool(id.pool, |current| {
+            let Some(mut rec) = current else {
+                return Ok(None);
+            };
+            if let Some(hosts) = rec.aux.get_mut(&ip) {
+                hosts.remove(&host);
+                if hosts.is_empty() {
+                    rec.aux.remove(&ip);
                 }
-                Ok(Some(rec))
-            })
-            .await?;
+            }
+            Ok(Some(rec))
+        })
+        .await?;
         // The gateway is shared and lives as long as the pool; unknown addresses are fine.
         Ok(())
     }

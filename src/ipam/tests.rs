@@ -385,3 +385,100 @@ async fn empty_blocks_are_released_and_pool_release_cleans_up() {
     );
     assert!(h.local.list(keys::ADDRESSES).await.unwrap().is_empty());
 }
+
+/// A cluster store that can be switched off, like an unreachable etcd.
+struct Switchable {
+    inner: EmbeddedStore,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Switchable {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(StoreError::Unavailable(
+                "etcd get: no answer within 3s".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Switchable {
+    async fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, StoreError> {
+        self.check()?;
+        self.inner.get(key).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, crate::store::Versioned)>, StoreError> {
+        self.check()?;
+        self.inner.list(prefix).await
+    }
+    async fn create(&self, key: &str, value: Vec<u8>) -> Result<Option<u64>, StoreError> {
+        self.check()?;
+        self.inner.create(key, value).await
+    }
+    async fn update(
+        &self,
+        key: &str,
+        expected: u64,
+        value: Vec<u8>,
+    ) -> Result<Option<u64>, StoreError> {
+        self.check()?;
+        self.inner.update(key, expected, value).await
+    }
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.delete(key, expected).await
+    }
+}
+
+#[tokio::test]
+async fn owned_blocks_serve_containers_while_the_cluster_store_is_down() {
+    let cluster = Arc::new(Switchable {
+        inner: EmbeddedStore::in_memory(),
+        down: Default::default(),
+    });
+    let local = Arc::new(EmbeddedStore::in_memory());
+    let ipam = Ipam::new(
+        cluster.clone(),
+        local.clone(),
+        "h1".into(),
+        Arc::new(FakeDatapath::new()),
+        IpamConfig::default(),
+    );
+    let h = Host {
+        ipam: Arc::new(ipam),
+        local,
+    };
+    let id = pool_id(&h, "10.42.0.0/24", "").await;
+    h.ipam.request_address(&id, "", &gw()).await.unwrap();
+    attach_network(&h, "10.42.0.0/24").await;
+    let first = h.ipam.request_address(&id, "", &none()).await.unwrap();
+    cluster
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let second = h
+        .ipam
+        .request_address(&id, "", &none())
+        .await
+        .expect("served from the owned block");
+    assert_ne!(first, second);
+    h.ipam
+        .release_address(&id, &second.ip().to_string())
+        .await
+        .expect("release works offline");
+    // Filling the block needs a new one: that fails, clearly, while the store is down.
+    let mut last = Ok(first);
+    for _ in 0..70 {
+        last = h.ipam.request_address(&id, "", &none()).await;
+        if last.is_err() {
+            break;
+        }
+    }
+    let err = last.unwrap_err();
+    assert!(err.to_string().contains("unavailable"), "{err}");
+}
