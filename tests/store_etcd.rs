@@ -72,3 +72,66 @@ async fn an_unreachable_etcd_fails_fast_with_a_clear_error() {
     );
     assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
 }
+
+fn tls_config(prefix: &str, user: Option<(&str, &str)>) -> EtcdConfig {
+    let pki = std::path::PathBuf::from(std::env::var("WEFT_TEST_PKI").expect("WEFT_TEST_PKI"));
+    EtcdConfig {
+        endpoints: vec![std::env::var("WEFT_TEST_ETCD_TLS").expect("WEFT_TEST_ETCD_TLS")],
+        prefix: prefix.into(),
+        ca: Some(pki.join("ca.pem")),
+        cert: Some(pki.join("client.pem")),
+        key: Some(pki.join("client.key")),
+        user: user.map(|(u, _)| u.to_string()),
+        password: user.map(|(_, p)| p.to_string()),
+        timeout: Duration::from_secs(3),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd: scripts/test.sh runs it with --ignored"]
+async fn etcd_over_tls_with_user_and_password() {
+    // Over TLS with a client certificate, turn on etcd authentication.
+    let admin = EtcdStore::connect(&tls_config("/weft-tls/", None))
+        .await
+        .expect("TLS connect");
+    let mut client = admin.client();
+    client.user_add("root", "s3cret-pw", None).await.unwrap();
+    client.user_grant_role("root", "root").await.unwrap();
+    client.auth_enable().await.unwrap();
+
+    // With the right password, the store meets the contract.
+    contract::run_all(|| {
+        let n = RUN.fetch_add(1, Ordering::SeqCst);
+        async move {
+            EtcdStore::connect(&tls_config(
+                &format!("/weft-tls/{n}/"),
+                Some(("root", "s3cret-pw")),
+            ))
+            .await
+            .expect("TLS + password connect")
+        }
+    })
+    .await;
+
+    // A wrong password is a clear error, quickly, and the password is not in it.
+    let err =
+        match EtcdStore::connect(&tls_config("/weft-tls/x/", Some(("root", "wrong-pw")))).await {
+            Ok(store) => store.get("k").await.unwrap_err(),
+            Err(e) => e,
+        };
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{text}");
+    assert!(
+        !text.contains("wrong-pw"),
+        "the password leaked into an error: {text}"
+    );
+
+    // Without the CA, the server's certificate is not trusted.
+    let mut untrusted = tls_config("/weft-tls/y/", Some(("root", "s3cret-pw")));
+    untrusted.ca = None;
+    let err = match EtcdStore::connect(&untrusted).await {
+        Ok(store) => store.get("k").await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+}
