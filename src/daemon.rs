@@ -163,14 +163,17 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     } else {
         (local.clone(), None)
     };
-    let driver = Arc::new(Driver::new(
-        local.clone(),
-        datapath.clone(),
-        DriverConfig {
-            default_mtu: config.mtu,
-            mtu_overhead: config.mtu_overhead,
-        },
-    ));
+    let driver = Arc::new(
+        Driver::new(
+            local.clone(),
+            datapath.clone(),
+            DriverConfig {
+                default_mtu: config.mtu,
+                mtu_overhead: config.mtu_overhead,
+            },
+        )
+        .with_cluster(cluster.clone(), host.clone()),
+    );
     let ipam = Arc::new(Ipam::new(
         cluster.clone(),
         local,

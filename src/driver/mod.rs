@@ -50,6 +50,14 @@ pub struct NetworkRecord {
     pub name: Option<String>,
 }
 
+/// A network's identity across hosts (`overlays/<subnet>`, cluster store): the hosts
+/// that have it and the name they agreed on, if any.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OverlayRecord {
+    pub name: Option<String>,
+    pub hosts: std::collections::BTreeSet<String>,
+}
+
 /// An endpoint on this host (`endpoints/<EndpointID>`, local store).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EndpointRecord {
@@ -94,6 +102,9 @@ impl Default for DriverConfig {
 
 pub struct Driver {
     local: Arc<dyn Store>,
+    /// Where the cluster-wide identity of networks lives (`overlays/`).
+    cluster: Arc<dyn Store>,
+    host: String,
     datapath: Arc<dyn Datapath>,
     config: DriverConfig,
     /// Serialises changes to this host's networks and endpoints with the reconciler.
@@ -107,11 +118,60 @@ pub fn short(id: &str) -> &str {
 impl Driver {
     pub fn new(local: Arc<dyn Store>, datapath: Arc<dyn Datapath>, config: DriverConfig) -> Self {
         Self {
+            cluster: local.clone(),
+            host: "local".into(),
             local,
             datapath,
             config,
             ops: Mutex::new(()),
         }
+    }
+
+    /// Shares network identities with other hosts through `cluster`, as host `host`.
+    pub fn with_cluster(mut self, cluster: Arc<dyn Store>, host: String) -> Self {
+        self.cluster = cluster;
+        self.host = host;
+        self
+    }
+
+    /// Joins this host to the overlay network identified by `subnet`: an optional
+    /// `-o weft.network` name must match the one other hosts gave.
+    async fn join_overlay(
+        &self,
+        subnet: Ipv4Network,
+        name: Option<&str>,
+    ) -> Result<(), DriverError> {
+        let host = self.host.clone();
+        self.cluster
+            .modify_json::<OverlayRecord, DriverError, _>(&keys::overlay(subnet), |current| {
+                let mut rec = current.unwrap_or_default();
+                match (&rec.name, name) {
+                    (Some(theirs), Some(mine)) if theirs != mine => {
+                        return Err(DriverError::Conflict(format!(
+                            "subnet {subnet} is weft network {theirs:?} on other hosts; -o weft.network={mine} does not match"
+                        )))
+                    }
+                    (None, Some(mine)) => rec.name = Some(mine.to_string()),
+                    _ => {}
+                }
+                rec.hosts.insert(host.clone());
+                Ok(Some(rec))
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn leave_overlay(&self, subnet: Ipv4Network) -> Result<(), DriverError> {
+        let host = self.host.clone();
+        self.cluster
+            .modify_json::<OverlayRecord, DriverError, _>(&keys::overlay(subnet), |current| {
+                Ok(current.and_then(|mut rec| {
+                    rec.hosts.remove(&host);
+                    (!rec.hosts.is_empty()).then_some(rec)
+                }))
+            })
+            .await?;
+        Ok(())
     }
 
     #[instrument(skip_all, fields(network = %short(&req.network_id)))]
@@ -185,12 +245,14 @@ impl Driver {
                 )));
             }
         }
+        self.join_overlay(record.subnet, record.name.as_deref()).await?;
         if self
             .local
             .create_json(&keys::network(&record.id), &record)
             .await?
             .is_none()
         {
+            let _ = self.leave_overlay(record.subnet).await;
             return Err(DriverError::Conflict(format!(
                 "network {} was created concurrently",
                 short(&record.id)
@@ -199,6 +261,7 @@ impl Driver {
         if let Err(e) = self.sync_locked().await {
             // Roll back: the network must not half-exist.
             let _ = self.local.delete(&keys::network(&record.id), None).await;
+            let _ = self.leave_overlay(record.subnet).await;
             let _ = self.sync_locked().await;
             return Err(e);
         }
@@ -216,6 +279,15 @@ impl Driver {
                 if let Err(e) = self.remove_endpoint(&ep).await {
                     errors.push(e);
                 }
+            }
+        }
+        if let Some(rec) = self
+            .local
+            .get_json::<NetworkRecord>(&keys::network(network_id))
+            .await?
+        {
+            if let Err(e) = self.leave_overlay(rec.value.subnet).await {
+                errors.push(e);
             }
         }
         self.local.delete(&keys::network(network_id), None).await?;

@@ -259,3 +259,57 @@ async fn reconcile_forgets_dead_containers_repairs_links_and_removes_orphans() {
     );
     assert!(store.get(&keys::network(NET)).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn a_network_name_must_match_across_hosts() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let host = |id: &str| {
+        Driver::new(
+            Arc::new(EmbeddedStore::in_memory()),
+            Arc::new(FakeDatapath::new()),
+            DriverConfig::default(),
+        )
+        .with_cluster(cluster.clone(), id.into())
+    };
+    let (a, b, c) = (host("a"), host("b"), host("c"));
+    a.create_network(create_req(
+        NET,
+        "10.42.0.0/16",
+        json!({"weft.network": "blue"}),
+        false,
+    ))
+    .await
+    .unwrap();
+    let err = b
+        .create_network(create_req(
+            NET,
+            "10.42.0.0/16",
+            json!({"weft.network": "red"}),
+            false,
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("\"blue\""), "{err}");
+    assert!(
+        b.networks().await.unwrap().is_empty(),
+        "a refused network is not kept"
+    );
+    b.create_network(create_req(
+        NET,
+        "10.42.0.0/16",
+        json!({"weft.network": "blue"}),
+        false,
+    ))
+    .await
+    .unwrap();
+    c.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
+    for d in [&a, &b, &c] {
+        d.delete_network(NET).await.unwrap();
+    }
+    assert!(
+        cluster.list(keys::OVERLAYS).await.unwrap().is_empty(),
+        "the last host removes the identity"
+    );
+}
