@@ -77,6 +77,24 @@ test_network_on_every_host_and_cross_host_traffic() {
   [ "$(D h1 exec c1 md5sum /tmp/blob | cut -d' ' -f1)" = "$(D h2 exec c2 md5sum /www/blob | cut -d' ' -f1)" ]
   [ "$(D h1 exec c1 cat /sys/class/net/eth0/mtu)" = 1420 ]
   lab_exec h1 ip -o link show weft0 | grep -q 'mtu 1420 ' || fail "weft0: $(lab_exec h1 ip -o link show weft0)"
+  # A different name for the same subnet is refused.
+  local out
+  out=$(D h2 network create -d weft --ipam-driver weft --subnet 10.42.0.0/16 -o weft.network=red app-red 2>&1) &&
+    fail "a mismatching weft.network was accepted"
+  echo "$out" | grep -q '"app"' || fail "unclear error: $out"
+  # weft status shows both hosts, the peer with a recent handshake, and the blocks.
+  local status
+  status=$(lab_exec h1 "$WEFT_BIN" status --json)
+  python3 - "$status" <<'PY' || fail "status: $status"
+import json, sys
+s = json.loads(sys.argv[1])
+hosts = s["hosts"]
+assert len(hosts) == 2, hosts
+peer = [h for h in hosts if not h["this_host"]][0]
+assert peer["last_handshake_secs_ago"] is not None and peer["last_handshake_secs_ago"] < 180, peer
+assert peer["blocks"] and s["blocks"], s
+assert s["endpoints"] and s["networks"][0]["subnet"] == "10.42.0.0/16", s
+PY
 }
 
 test_only_wireguard_crosses_the_underlay() {
