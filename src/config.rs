@@ -163,6 +163,10 @@ pub struct ClusterConfig {
     #[arg(long, env = "WEFT_WG_KEEPALIVE")]
     pub wg_keepalive: Option<u16>,
 
+    /// Seconds a host may be gone before other hosts reclaim its address blocks.
+    #[arg(long, env = "WEFT_BLOCK_GRACE", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub block_grace: u64,
+
     /// Seconds between full mesh passes (changes in etcd trigger one at once).
     #[arg(long, env = "WEFT_MESH_INTERVAL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub mesh_interval: u64,

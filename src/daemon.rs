@@ -135,12 +135,10 @@ async fn start_cluster(
         alive,
     );
     let store: Arc<dyn Store> = Arc::new(etcd.clone());
-    let mesh = Arc::new(Mesh::new(
-        store.clone(),
-        Arc::new(wg),
-        datapath,
-        host.to_string(),
-    ));
+    let mesh = Arc::new(
+        Mesh::new(store.clone(), Arc::new(wg), datapath, host.to_string())
+            .with_block_grace(Duration::from_secs(cluster.block_grace)),
+    );
     tokio::spawn(mesh.clone().run(Duration::from_secs(cluster.mesh_interval)));
     tokio::spawn(mesh.clone().watch(etcd.client(), etcd.prefix().to_string()));
     Ok((store, mesh))
@@ -185,6 +183,15 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             default_block_prefix: config.block_size,
         },
     ));
+    if mesh.is_some() {
+        // Blocks this host still has addresses in must still be its own (they could
+        // have been reclaimed while it was gone longer than the grace period).
+        match ipam.verify_owned_blocks().await {
+            Ok(0) => {}
+            Ok(n) => warn!(reclaimed = n, "re-claimed blocks this host still uses"),
+            Err(e) => warn!(error = %e, "could not verify block ownership"),
+        }
+    }
     info!(host = %host, state_dir = %config.state_dir.display(), "weft starting");
 
     // Before serving: the kernel must match what the store says (state survives kill -9).

@@ -13,7 +13,7 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::cluster::HostRecord;
+use crate::cluster::{HostRecord, SeenRecord};
 use crate::datapath::{Datapath, DatapathError};
 use crate::ipam::BlockRecord;
 use crate::store::{keys, Store, StoreError, StoreExt};
@@ -62,6 +62,8 @@ pub struct Mesh {
     datapath: Arc<dyn Datapath>,
     host: String,
     wake: Notify,
+    /// How long a host may be gone before others reclaim its blocks.
+    block_grace: Duration,
 }
 
 impl Mesh {
@@ -77,7 +79,54 @@ impl Mesh {
             datapath,
             host,
             wake: Notify::new(),
+            block_grace: Duration::from_secs(600),
         }
+    }
+
+    pub fn with_block_grace(mut self, grace: Duration) -> Self {
+        self.block_grace = grace;
+        self
+    }
+
+    /// Deletes the blocks of hosts that have been gone (no live record) for longer than
+    /// the grace period, and their last-seen marks once they own nothing. Every host
+    /// runs this; the conditional deletes make it safe to run concurrently. A host
+    /// with no last-seen mark is never reclaimed from (it registers before it serves).
+    pub async fn reclaim_blocks(&self, live: &[HostRecord]) -> Result<usize, MeshError> {
+        let now = crate::cluster::unix_now();
+        let gone_for = |id: &str, seen: &[(String, crate::store::Record<SeenRecord>)]| {
+            seen.iter()
+                .find(|(k, _)| k.rsplit('/').next() == Some(id))
+                .map(|(_, r)| now.saturating_sub(r.value.last_seen))
+        };
+        let seen = self.cluster.list_json::<SeenRecord>(keys::SEEN).await?;
+        let blocks = self.cluster.list_json::<BlockRecord>(keys::BLOCKS).await?;
+        let mut reclaimed = 0;
+        let mut remaining: Vec<&str> = Vec::new();
+        for (key, rec) in &blocks {
+            let owner = &rec.value.host;
+            if live.iter().any(|h| &h.id == owner) {
+                remaining.push(owner);
+                continue;
+            }
+            if gone_for(owner, &seen).is_some_and(|secs| secs > self.block_grace.as_secs())
+                && self.cluster.delete(key, Some(rec.revision)).await?
+            {
+                info!(block = %key, host = %owner, "reclaimed the block of a host gone longer than the grace period");
+                reclaimed += 1;
+            } else {
+                remaining.push(owner);
+            }
+        }
+        for (key, rec) in &seen {
+            let id = key.rsplit('/').next().unwrap_or_default();
+            let owns = remaining.contains(&id);
+            let long_gone = now.saturating_sub(rec.value.last_seen) > self.block_grace.as_secs();
+            if long_gone && !owns && !live.iter().any(|h| h.id == id) {
+                self.cluster.delete(key, Some(rec.revision)).await?;
+            }
+        }
+        Ok(reclaimed)
     }
 
     pub fn tunnel(&self) -> &Arc<dyn Tunnel> {
@@ -111,6 +160,9 @@ impl Mesh {
 
     pub async fn reconcile(&self) -> Result<PeerDiff, MeshError> {
         let hosts = self.hosts().await?;
+        if let Err(e) = self.reclaim_blocks(&hosts).await {
+            warn!(error = %e, "block reclaim skipped");
+        }
         let blocks = self.blocks().await?;
         let (peers, routes) = desired_peers(&self.host, &hosts, &blocks);
         let diff = self.tunnel.apply_peers(&peers).await?;
@@ -200,6 +252,60 @@ mod tests {
             endpoint: format!("{ip}:51820").parse().unwrap(),
             keepalive: None,
         }
+    }
+
+    #[tokio::test]
+    async fn blocks_of_hosts_gone_past_the_grace_period_are_reclaimed() {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let mesh = Mesh::new(
+            store.clone(),
+            Arc::new(FakeTunnel::default()),
+            Arc::new(FakeDatapath::new()),
+            "a".into(),
+        )
+        .with_block_grace(Duration::from_secs(600));
+        let pool: Ipv4Network = "10.42.0.0/16".parse().unwrap();
+        let now = crate::cluster::unix_now();
+        for (owner, block, seen_ago) in [
+            ("a", "10.42.0.0/26", Some(0)),
+            ("long-gone", "10.42.0.64/26", Some(700)),
+            ("just-gone", "10.42.0.128/26", Some(60)),
+            ("never-seen", "10.42.0.192/26", None),
+        ] {
+            store
+                .create_json(
+                    &keys::block(pool, block.parse().unwrap()),
+                    &BlockRecord { host: owner.into() },
+                )
+                .await
+                .unwrap();
+            if let Some(ago) = seen_ago {
+                store
+                    .create_json(
+                        &keys::seen(owner),
+                        &SeenRecord {
+                            last_seen: now - ago,
+                        },
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        let live = vec![host("a", "192.0.2.11")];
+        assert_eq!(mesh.reclaim_blocks(&live).await.unwrap(), 1);
+        let owners: Vec<String> = mesh
+            .blocks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, h)| h)
+            .collect();
+        assert_eq!(owners, ["a", "just-gone", "never-seen"]);
+        assert!(
+            store.get(&keys::seen("long-gone")).await.unwrap().is_none(),
+            "its mark goes with its last block"
+        );
+        assert!(store.get(&keys::seen("a")).await.unwrap().is_some());
     }
 
     #[test]

@@ -245,7 +245,8 @@ impl Driver {
                 )));
             }
         }
-        self.join_overlay(record.subnet, record.name.as_deref()).await?;
+        self.join_overlay(record.subnet, record.name.as_deref())
+            .await?;
         if self
             .local
             .create_json(&keys::network(&record.id), &record)

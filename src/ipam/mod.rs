@@ -739,6 +739,55 @@ impl Ipam {
         Ok(None)
     }
 
+    /// Checks that every block holding an address of this host is still owned by it,
+    /// claiming back any that were reclaimed and are free. Returns how many were
+    /// claimed back; a block another host took meanwhile is reported loudly.
+    pub async fn verify_owned_blocks(&self) -> Result<usize, IpamError> {
+        let _guard = self.alloc.lock().await;
+        let mut blocks = BTreeSet::new();
+        for (key, rec) in self
+            .local
+            .list_json::<AddressRecord>(keys::ADDRESSES)
+            .await?
+        {
+            let pool_seg = key[keys::ADDRESSES.len()..]
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            if let Ok(pool) = pool_seg.replacen('_', "/", 1).parse::<Ipv4Network>() {
+                blocks.insert((pool, rec.value.block));
+            }
+        }
+        let mut reclaimed = 0;
+        for (pool, block) in blocks {
+            match self
+                .cluster
+                .get_json::<BlockRecord>(&keys::block(pool, block))
+                .await?
+            {
+                Some(r) if r.value.host == self.host => {}
+                Some(r) => tracing::error!(
+                    %block, owner = %r.value.host,
+                    "this host has addresses in a block another host owns now; those containers may clash"
+                ),
+                None => {
+                    let mine = BlockRecord {
+                        host: self.host.clone(),
+                    };
+                    if self
+                        .cluster
+                        .create_json(&keys::block(pool, block), &mine)
+                        .await?
+                        .is_some()
+                    {
+                        reclaimed += 1;
+                    }
+                }
+            }
+        }
+        Ok(reclaimed)
+    }
+
     #[instrument(skip_all, fields(pool_id = %pool_id, address = %address))]
     pub async fn release_address(&self, pool_id: &str, address: &str) -> Result<(), IpamError> {
         let id = PoolId::parse(pool_id)?;

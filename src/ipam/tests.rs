@@ -482,3 +482,31 @@ async fn owned_blocks_serve_containers_while_the_cluster_store_is_down() {
     let err = last.unwrap_err();
     assert!(err.to_string().contains("unavailable"), "{err}");
 }
+
+#[tokio::test]
+async fn a_restarted_host_claims_back_blocks_it_still_uses() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let h = host(&cluster, "h1", vec![]);
+    let id = pool_id(&h, "10.42.0.0/24", "").await;
+    attach_network(&h, "10.42.0.0/24").await;
+    let ip = h.ipam.request_address(&id, "", &none()).await.unwrap().ip();
+    let pool = "10.42.0.0/24".parse().unwrap();
+    let block = allocator::block_of(pool, 26, ip);
+    // Reclaimed while the host was away...
+    cluster
+        .delete(&keys::block(pool, block), None)
+        .await
+        .unwrap();
+    assert_eq!(h.ipam.verify_owned_blocks().await.unwrap(), 1);
+    let owner = cluster
+        .get_json::<BlockRecord>(&keys::block(pool, block))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(owner.value.host, "h1");
+    assert_eq!(
+        h.ipam.verify_owned_blocks().await.unwrap(),
+        0,
+        "nothing to do the second time"
+    );
+}

@@ -1,7 +1,7 @@
 //! Every key weft writes, in one place (the schema is documented in
 //! `docs/architecture.md`). Keys are relative: a store may put them under a prefix.
 //!
-//! Cluster-wide (shared by hosts): `pools/`, `blocks/`, `hosts/`, `overlays/`. Host-local: `networks/`,
+//! Cluster-wide (shared by hosts): `pools/`, `blocks/`, `hosts/`, `overlays/`, `seen/`. Host-local: `networks/`,
 //! `endpoints/`, `addresses/`. CIDRs are written with `_` instead of `/` so that a
 //! key segment never contains a slash.
 
@@ -16,6 +16,7 @@ pub const ENDPOINTS: &str = "endpoints/";
 pub const ADDRESSES: &str = "addresses/";
 pub const HOSTS: &str = "hosts/";
 pub const OVERLAYS: &str = "overlays/";
+pub const SEEN: &str = "seen/";
 
 pub fn cidr_segment(net: Ipv4Network) -> String {
     format!("{}_{}", net.network(), net.prefix())
@@ -35,6 +36,10 @@ pub fn block(pool: Ipv4Network, block: Ipv4Network) -> String {
 
 pub fn overlay(subnet: Ipv4Network) -> String {
     format!("{OVERLAYS}{}", cidr_segment(subnet))
+}
+
+pub fn seen(id: &str) -> String {
+    format!("{SEEN}{id}")
 }
 
 pub fn host(id: &str) -> String {
