@@ -8,7 +8,8 @@ set -euo pipefail
 ip link set lo up
 data=$(mktemp -d)
 pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$data"' EXIT
+# The trap must not change the exit status: etcd's own (killed) status is not ours.
+trap 'set +e; for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$data"' EXIT
 
 # A throwaway CA, a server certificate for 127.0.0.1 and a client certificate.
 pki=$data/pki
@@ -40,4 +41,7 @@ for _ in $(seq 100); do
     break
   sleep 0.1
 done
+set +e
 WEFT_TEST_ETCD=http://127.0.0.1:23790 WEFT_TEST_ETCD_TLS=https://127.0.0.1:23791 WEFT_TEST_PKI="$pki" "$@"
+status=$?
+exit "$status"
