@@ -4,8 +4,8 @@
 #   lint (fmt, clippy) -> unit and API tests -> datapath tests as root in a throwaway
 #   network namespace -> the etcd store against a real etcd -> end-to-end against a
 #   real dockerd 20.10 and 26.1 on one host, and across three hosts with etcd and
-#   WireGuard, each in namespaces of its own (never the machine's Docker or default
-#   namespace).
+#   WireGuard, and as a managed plugin, each in namespaces of its own (never the
+#   machine's Docker or default namespace) -> the host-service installer.
 # Set WEFT_SKIP_DOCKER26=1 to test against dockerd 20.10 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +38,18 @@ DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/single_host.sh
 
 step "end to end across hosts (etcd, WireGuard), dockerd 20.10"
 DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/multi_host.sh
+
+step "managed plugin (bundle, create/enable, disable refusal, dockerd restart, two hosts with etcd)"
+DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/plugin.sh
+
+step "host service install"
+tmp=$(mktemp -d)
+scripts/install.sh --root "$tmp" >/dev/null
+grep -qx 'Before=docker.service' "$tmp/etc/systemd/system/weft.service"
+"$tmp/usr/local/bin/weft" --version
+scripts/install.sh --root "$tmp" --uninstall >/dev/null
+[ ! -e "$tmp/usr/local/bin/weft" ] && [ ! -e "$tmp/etc/systemd/system/weft.service" ]
+rm -rf "$tmp"
 
 if [ "${WEFT_SKIP_DOCKER26:-0}" != 1 ]; then
   step "end to end, dockerd 26.1"

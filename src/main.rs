@@ -3,6 +3,13 @@ use clap::Parser;
 use weft::config::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
+    // A managed plugin's settable variables can be emptied but not unset: treat an
+    // empty WEFT_* variable as absent, so defaults apply.
+    for (key, value) in std::env::vars_os() {
+        if value.is_empty() && key.to_string_lossy().starts_with("WEFT_") {
+            std::env::remove_var(key);
+        }
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Daemon(config) => {

@@ -105,7 +105,8 @@ lab_host_up() {
     lab_exec "$host" test -d /run/docker/plugins 2>/dev/null && break
     sleep 0.1
   done
-  lab_weft_start "$host"
+  # LAB_WEFT=plugin: weft comes as a managed plugin installed later, not as a daemon.
+  [ "${LAB_WEFT:-daemon}" = plugin ] || lab_weft_start "$host"
   lab_dockerd_start "$host"
 }
 

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# End to end for weft as a managed Docker plugin: the bundle from
+# scripts/build-plugin.sh, created and enabled on lab hosts (no registry involved).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+export LAB_ROOT=${LAB_ROOT:-/tmp/weft-plugin-$$} LAB_PREFIX=${LAB_PREFIX:-wpl$$} LAB_WEFT=plugin
+# shellcheck source=../../scripts/lib/lab.sh
+source "$REPO/scripts/lib/lab.sh"
+# shellcheck source=lib.sh
+source "$REPO/tests/e2e/lib.sh"
+
+BUNDLE=$LAB_ROOT/bundle
+DRV=weft:latest
+D() { local h=$1; shift; lab_docker "$h" "$@"; }
+ip_of() { D "$1" inspect -f "{{(index .NetworkSettings.Networks \"$3\").IPAddress}}" "$2"; }
+run_bb() { local h=$1; shift; D "$h" run -d --name "$@" "$LAB_IMAGE" sleep 3600 >/dev/null; }
+pings() { D "$1" exec "$2" ping -c "${4:-1}" -W 2 "$3" >/dev/null 2>&1; }
+
+# install_plugin HOST [ENV=VALUE…]: create, point its state at the host's own dir, enable.
+install_plugin() {
+  local h=$1; shift
+  D "$h" plugin create weft "$BUNDLE" >/dev/null
+  D "$h" plugin set weft state.source="$(lab_dir "$h")/state" "$@"
+  D "$h" plugin enable weft >/dev/null
+}
+
+cleanup() {
+  local d
+  for d in "$LAB_ROOT"/*/; do
+    [ -f "$d/holder.pid" ] || continue
+    lab_docker "$(basename "$d")" ps -aq 2>/dev/null | xargs -r docker -H "unix://$d/docker.sock" rm -f >/dev/null 2>&1
+    lab_docker "$(basename "$d")" network ls -q --filter driver=$DRV 2>/dev/null | xargs -r docker -H "unix://$d/docker.sock" network rm >/dev/null 2>&1
+    lab_docker "$(basename "$d")" plugin disable -f weft >/dev/null 2>&1
+  done
+  lab_down
+}
+trap cleanup EXIT
+
+test_bundle_is_accepted_and_serves_a_network() {
+  install_plugin p1
+  D p1 plugin inspect weft -f '{{.Enabled}}' | grep -qx true
+  D p1 network create -d $DRV --ipam-driver $DRV --subnet 10.42.0.0/16 app >/dev/null
+  run_bb p1 pa --network app
+  run_bb p1 pb --network app
+  pings p1 pa "$(ip_of p1 pb app)" 3
+  [ "$(D p1 exec pa cat /sys/class/net/eth0/mtu)" = 1420 ]
+  [ -s "$(lab_dir p1)/state/state.json" ] || fail "plugin state is not in the host's state dir"
+}
+
+test_disable_is_refused_while_a_network_uses_it() {
+  local out
+  out=$(D p1 plugin disable weft 2>&1) && fail "disable succeeded with a network in use"
+  echo "$out" | grep -qi "in use" || fail "unexpected: $out"
+}
+
+test_state_survives_disable_and_enable() {
+  D p1 rm -f pa pb >/dev/null
+  D p1 plugin disable -f weft >/dev/null
+  D p1 plugin enable weft >/dev/null
+  run_bb p1 pc --network app
+  run_bb p1 pd --network app
+  pings p1 pc "$(ip_of p1 pd app)" 2
+}
+
+test_restart_always_container_comes_back_after_dockerd_restart() {
+  D p1 run -d --name always --restart=always --network app "$LAB_IMAGE" sleep 3600 >/dev/null
+  lab_dockerd_stop p1
+  lab_dockerd_start p1
+  retry 75 sh -c "[ \"\$(docker -H unix://$(lab_dir p1)/docker.sock inspect -f '{{.State.Running}}' always)\" = true ]"
+  retry 25 sh -c "docker -H unix://$(lab_dir p1)/docker.sock exec always ping -c 1 -W 1 10.42.0.1 >/dev/null"
+  D p1 start pc >/dev/null
+  pings p1 always "$(ip_of p1 pc app)" 2
+}
+
+test_two_hosts_with_the_managed_plugin_and_etcd() {
+  lab_etcd_up
+  for h in q1 q2; do
+    i=${h#q}; lab_host_up "$h" $((i + 4)) && lab_image "$h"
+    install_plugin "$h" WEFT_ETCD_ENDPOINTS=http://192.0.2.1:2379
+    D "$h" network create -d $DRV --ipam-driver $DRV --subnet 10.50.0.0/16 mesh >/dev/null
+  done
+  run_bb q1 qa --network mesh
+  run_bb q2 qb --network mesh
+  [ "$(ip_of q1 qa mesh)" != "$(ip_of q2 qb mesh)" ]
+  retry 25 pings q1 qa "$(ip_of q2 qb mesh)"
+  pings q2 qb "$(ip_of q1 qa mesh)" 3
+}
+
+main() {
+  [ "$(id -u)" = 0 ] || { echo "plugin: needs root"; exit 1; }
+  echo "== weft as a managed plugin: $($DOCKERD_BIN --version)"
+  "$REPO/scripts/build-plugin.sh" "$BUNDLE" >/dev/null || { echo "plugin: bundle build failed"; exit 1; }
+  lab_host_up p1 1 && lab_image p1 || { echo "plugin: lab did not come up"; exit 1; }
+  for t in \
+    test_bundle_is_accepted_and_serves_a_network \
+    test_disable_is_refused_while_a_network_uses_it \
+    test_state_survives_disable_and_enable \
+    test_restart_always_container_comes_back_after_dockerd_restart \
+    test_two_hosts_with_the_managed_plugin_and_etcd; do
+    run_test "$t"
+  done
+  summary "managed-plugin e2e"
+}
+
+main "$@"
