@@ -107,7 +107,8 @@ lab_host_up() {
   done
   # LAB_WEFT=plugin: weft comes as a managed plugin installed later, not as a daemon.
   [ "${LAB_WEFT:-daemon}" = plugin ] || lab_weft_start "$host"
-  lab_dockerd_start "$host"
+  # LAB_DOCKERD=0: a host with weft only (for large control-plane labs).
+  [ "${LAB_DOCKERD:-1}" = 0 ] || lab_dockerd_start "$host"
 }
 
 lab_weft_start() {
@@ -169,6 +170,13 @@ lab_image() {
     [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
   done
   echo 'root:x:0:0:root:/:/bin/sh' >"$root/etc/passwd"
+  # iperf3, when the machine has it, for the benchmarks (with its libraries).
+  if command -v iperf3 >/dev/null; then
+    cp "$(command -v iperf3)" "$root/bin/iperf3"
+    ldd "$(command -v iperf3)" | awk '/=>/ {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
+      [ -e "$lib" ] && install -D -m 0644 "$(readlink -f "$lib")" "$root$lib"
+    done
+  fi
   tar -C "$root" -c . | lab_docker "$host" import --change 'CMD ["sh"]' - "$LAB_IMAGE" >/dev/null
   rm -rf "$root"
 }

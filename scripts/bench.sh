@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# Measures what weft costs, against baselines run in the same invocation, on a lab of
+# simulated hosts (scripts/lib/lab.sh). Benchmarks measure and report; they never
+# pass or fail on a number.
+#
+#   sudo scripts/bench.sh [--quick] [--out FILE]     (default FILE: bench/results.json)
+#
+# Writes JSON records {name, unit, median, min, max[, baseline, ratio]} to FILE and
+# renders docs/benchmarks.md (the full run's report; --quick writes its report next to
+# FILE instead, so a smoke run never overwrites the committed one).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quick=0 out=bench/results.json
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1; shift ;;
+    --out) out=${2:?--out needs a file}; shift 2 ;;
+    *) sed -n '2,12p' "$0"; exit 2 ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { echo "scripts/bench.sh: run as root" >&2; exit 1; }
+scripts/deps.sh
+command -v iperf3 >/dev/null && command -v wg >/dev/null || {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 wireguard-tools >/dev/null
+}
+cargo build --locked --release >/dev/null 2>&1 || cargo build --locked --release
+
+if [ "$quick" = 1 ]; then RUNS=1 SECS=2 PINGS=20 STARTS=3 CHURN=5 ALLOCS=100 BIG=4
+else RUNS=5 SECS=8 PINGS=300 STARTS=50 CHURN=100 ALLOCS=2000 BIG=10; fi
+
+export LAB_ROOT=/tmp/weft-bench-$$ LAB_PREFIX=wbn$$ WEFT_LOG=info,weft::api=debug WEFT_HOST_TTL=5
+# shellcheck source=lib/lab.sh
+source scripts/lib/lab.sh
+REC=$LAB_ROOT/records.jsonl
+cleanup() { lab_down >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+mkdir -p "$LAB_ROOT"
+D() { local h=$1; shift; lab_docker "$h" "$@"; }
+ip_of() { D "$1" inspect -f "{{(index .NetworkSettings.Networks \"$3\").IPAddress}}" "$2"; }
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# record NAME UNIT [--baseline NAME] VALUE…: one JSON record from repeated measurements.
+record() {
+  local name=$1 unit=$2; shift 2
+  local base=""
+  if [ "${1:-}" = --baseline ]; then base=$2; shift 2; fi
+  python3 - "$REC" "$name" "$unit" "$base" "$@" <<'PY'
+import json, statistics, sys
+path, name, unit, base, *vals = sys.argv[1:]
+vals = [float(v) for v in vals]
+rec = {"name": name, "unit": unit, "median": statistics.median(vals), "min": min(vals), "max": max(vals), "samples": len(vals)}
+if base:
+    for line in open(path):
+        r = json.loads(line)
+        if r["name"] == base and r["median"]:
+            rec["baseline"] = base
+            rec["ratio"] = round(rec["median"] / r["median"], 4)
+with open(path, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+print(f"  {name}: {rec['median']:.4g} {unit}" + (f" (x{rec['ratio']} of {base})" if "ratio" in rec else ""), file=sys.stderr)
+PY
+}
+
+# percentiles NAME UNIT VALUE…: p50 and p99 records of one distribution.
+percentiles() {
+  local name=$1 unit=$2; shift 2
+  python3 - "$REC" "$name" "$unit" "$@" <<'PY'
+import json, sys
+path, name, unit, *vals = sys.argv[1:]
+v = sorted(float(x) for x in vals)
+def pct(p):
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+with open(path, "a") as f:
+    for p in (50, 99):
+        f.write(json.dumps({"name": f"{name} p{p}", "unit": unit, "median": pct(p), "min": v[0], "max": v[-1], "samples": len(v)}) + "\n")
+print(f"  {name}: p50 {pct(50):.4g} p99 {pct(99):.4g} {unit} ({len(v)} samples)", file=sys.stderr)
+PY
+}
+
+iperf_gbps() { # HOST-EXEC-PREFIX… -- SERVER-IP STREAMS
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)'
+}
+
+log "lab: etcd and two hosts"
+lab_etcd_up
+for i in 1 2; do lab_host_up "h$i" "$i" >/dev/null && lab_image "h$i"; done
+for h in h1 h2; do D $h network create -d weft --ipam-driver weft --subnet 10.42.0.0/16 app >/dev/null; done
+D h1 run -d --name c1 --network app "$LAB_IMAGE" sleep 36000 >/dev/null
+D h2 run -d --name c2 --network app "$LAB_IMAGE" sleep 36000 >/dev/null
+C2=$(ip_of h2 c2 app)
+until D h1 exec c1 ping -c 1 -W 1 "$C2" >/dev/null 2>&1; do sleep 0.2; done
+D h2 exec -d c2 iperf3 -s -p 5201
+D h1 run -d --name b1 "$LAB_IMAGE" sleep 36000 >/dev/null
+D h1 run -d --name b2 "$LAB_IMAGE" sleep 36000 >/dev/null
+B1=$(D h1 inspect -f '{{.NetworkSettings.IPAddress}}' b1)
+D h1 exec -d b1 iperf3 -s -p 5201
+lab_spawn h2 "$LAB_ROOT/iperf-underlay.log" iperf3 -s -p 5202 >/dev/null
+
+log "plain WireGuard tunnel between the same hosts ($(wireguard-go --version 2>/dev/null | head -1))"
+for i in 1 2; do
+  lab_exec "h$i" sh -c "wg genkey > $LAB_ROOT/wg$i.key && wg pubkey < $LAB_ROOT/wg$i.key > $LAB_ROOT/wg$i.pub"
+  lab_exec "h$i" env -u WG_PROCESS_FOREGROUND wireguard-go wgb0 >/dev/null 2>&1
+done
+for i in 1 2; do
+  j=$((3 - i))
+  lab_exec "h$i" wg set wgb0 listen-port 51900 private-key "$LAB_ROOT/wg$i.key" \
+    peer "$(cat "$LAB_ROOT/wg$j.pub")" endpoint "192.0.2.1$j:51900" allowed-ips "10.99.0.$j/32"
+  lab_exec "h$i" ip addr add "10.99.0.$i/24" dev wgb0
+  lab_exec "h$i" ip link set wgb0 mtu 1420 up
+done
+lab_spawn h2 "$LAB_ROOT/iperf-wg.log" iperf3 -s -p 5203 >/dev/null
+sleep 1
+
+log "1. TCP throughput (${SECS}s x $RUNS runs each)"
+for streams in 1 4; do
+  u=() w=() g=() b=()
+  for _ in $(seq "$RUNS"); do
+    u+=("$(lab_exec h1 iperf3 -c 192.0.2.12 -p 5202 -t "$SECS" -P "$streams" -J | iperf_gbps)")
+    g+=("$(lab_exec h1 iperf3 -c 10.99.0.2 -p 5203 -t "$SECS" -P "$streams" -J | iperf_gbps)")
+    w+=("$(D h1 exec c1 iperf3 -c "$C2" -p 5201 -t "$SECS" -P "$streams" -J | iperf_gbps)")
+    b+=("$(D h1 exec b2 iperf3 -c "$B1" -p 5201 -t "$SECS" -P "$streams" -J | iperf_gbps)")
+  done
+  record "throughput underlay ${streams} stream(s)" Gbit/s "${u[@]}"
+  record "throughput plain WireGuard ${streams} stream(s)" Gbit/s --baseline "throughput underlay ${streams} stream(s)" "${g[@]}"
+  record "throughput weft cross-host ${streams} stream(s)" Gbit/s --baseline "throughput underlay ${streams} stream(s)" "${w[@]}"
+  record "throughput docker bridge same host ${streams} stream(s)" Gbit/s --baseline "throughput underlay ${streams} stream(s)" "${b[@]}"
+done
+
+log "2. latency ($PINGS pings each)"
+rtts() { grep -o 'time=[0-9.]*' | cut -d= -f2; }
+mapfile -t under < <(lab_exec h1 busybox ping -c "$PINGS" -i 0.02 192.0.2.12 | rtts)
+mapfile -t over < <(D h1 exec c1 ping -c "$PINGS" -i 0.02 "$C2" | rtts)
+percentiles "ping RTT underlay" ms "${under[@]}"
+percentiles "ping RTT weft cross-host" ms "${over[@]}"
+
+log "3. container start ($STARTS starts each)"
+: >"$LAB_ROOT/handled.before"; wc -l <"$(lab_dir h1)/weft.log" >"$LAB_ROOT/handled.before"
+weft_t=() bridge_t=()
+for _ in $(seq "$STARTS"); do
+  t0=$(date +%s%N); D h1 run --rm --network app "$LAB_IMAGE" ping -c 1 -W 2 "$C2" >/dev/null; t1=$(date +%s%N)
+  weft_t+=("$(( (t1 - t0) / 1000000 ))")
+  t0=$(date +%s%N); D h1 run --rm "$LAB_IMAGE" ping -c 1 -W 2 "$B1" >/dev/null; t1=$(date +%s%N)
+  bridge_t+=("$(( (t1 - t0) / 1000000 ))")
+done
+percentiles "docker run to reaching a container on another host, weft" ms "${weft_t[@]}"
+percentiles "docker run to reaching a container, docker bridge" ms "${bridge_t[@]}"
+handler() { tail -n +"$(cat "$LAB_ROOT/handled.before")" "$(lab_dir h1)/weft.log" | grep "method=NetworkDriver.$1" | grep -o 'micros=[0-9]*' | cut -d= -f2 | awk '{print $1/1000}'; }
+mapfile -t ce < <(handler CreateEndpoint)
+mapfile -t jn < <(handler Join)
+percentiles "CreateEndpoint handler" ms "${ce[@]}"
+percentiles "Join handler" ms "${jn[@]}"
+mapfile -t both < <(paste <(printf '%s\n' "${ce[@]}") <(printf '%s\n' "${jn[@]}") | awk 'NF == 2 {print $1 + $2}')
+percentiles "CreateEndpoint + Join handlers" ms "${both[@]}"
+
+log "4. control plane"
+cat >"$LAB_ROOT/alloc.py" <<'PY'
+# RequestAddress + ReleaseAddress pairs per second in a fresh pool, over weft's socket.
+import http.client, json, socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX); self.sock.connect(path)
+c = C("weft")
+def call(m, body):
+    c.request("POST", "/" + m, json.dumps(body)); r = c.getresponse(); out = json.loads(r.read())
+    if r.status != 200: raise SystemExit(f"{m}: {out}")
+    return out
+pool = call("IpamDriver.RequestPool", {"AddressSpace": "weft-local", "Pool": "10.77.0.0/16", "Options": {}})["PoolID"]
+start = time.time()
+for i in range(n):
+    a = call("IpamDriver.RequestAddress", {"PoolID": pool, "Address": ""})["Address"].split("/")[0]
+    call("IpamDriver.ReleaseAddress", {"PoolID": pool, "Address": a})
+rate = n / (time.time() - start)
+call("IpamDriver.ReleasePool", {"PoolID": pool})
+print(rate)
+PY
+emb=() etc=()
+single=$LAB_ROOT/single; mkdir -p "$single"
+for _ in $(seq "$RUNS"); do
+  emb+=("$(unshare --net --mount --propagation private sh -c "
+      ip link set lo up; $WEFT_BIN daemon --socket $single/weft.sock --state-dir $single/state >$single/weft.log 2>&1 &
+      pid=\$!; for i in \$(seq 100); do [ -S $single/weft.sock ] && break; sleep 0.1; done
+      python3 $LAB_ROOT/alloc.py $single/weft.sock $ALLOCS; kill \$pid; wait \$pid 2>/dev/null" | tail -1)")
+  etc+=("$(lab_exec h1 python3 "$LAB_ROOT/alloc.py" /run/docker/plugins/weft.sock "$ALLOCS" | tail -1)")
+done
+record "address allocations (request+release) embedded store" "allocations/s" "${emb[@]}"
+record "address allocations (request+release) etcd store" "allocations/s" --baseline "address allocations (request+release) embedded store" "${etc[@]}"
+
+peers_of() { lab_exec "$1" wg show weft0 peers 2>/dev/null | grep -c . || true; }
+# join_lag NEW-HOST INDEX OTHERS…: seconds from NEW's registration to its peer on the last of OTHERS.
+join_lag() {
+  local new=$1 idx=$2; shift 2
+  local want=$#
+  local h
+  for h in "$@"; do echo "$(( $(peers_of "$h") + 1 ))" >"$LAB_ROOT/want.$h"; done
+  LAB_DOCKERD=0 lab_host_up "$new" "$idx" >/dev/null
+  local reg
+  reg=$(python3 - "$(lab_dir "$new")/weft.log" <<'PY'
+import datetime, sys, time
+for _ in range(200):
+    for line in open(sys.argv[1]):
+        if "host registered" in line:
+            ts = line.split()[0].rstrip("Z")
+            print(datetime.datetime.fromisoformat(ts).replace(tzinfo=datetime.timezone.utc).timestamp()); sys.exit()
+    time.sleep(0.05)
+PY
+)
+  local last=0 seen
+  for h in "$@"; do
+    seen=$(python3 - "$(lab_holder "$h")" "$(cat "$LAB_ROOT/want.$h")" <<'PY'
+import subprocess, sys, time
+holder, want = sys.argv[1], int(sys.argv[2])
+for _ in range(1500):
+    out = subprocess.run(["nsenter", "-t", holder, "-m", "-n", "wg", "show", "weft0", "peers"], capture_output=True, text=True).stdout
+    if len([l for l in out.splitlines() if l.strip()]) >= want:
+        print(time.time()); sys.exit()
+    time.sleep(0.01)
+print("nan")
+PY
+)
+    last=$(python3 -c "import sys; print(max(float(sys.argv[1]), float(sys.argv[2])))" "$last" "$seen")
+  done
+  python3 -c "import sys; print(float(sys.argv[1]) - float(sys.argv[2]))" "$last" "$reg"
+}
+small=("$(join_lag h3 3 h1 h2)")
+record "join convergence, 3-host lab (registration to programmed on all others)" s "${small[@]}"
+others=(h1 h2 h3)
+for i in $(seq 4 $((BIG - 1))); do LAB_DOCKERD=0 lab_host_up "h$i" "$i" >/dev/null; others+=("h$i"); done
+sleep 2
+big=("$(join_lag "h$BIG" "$BIG" "${others[@]}")")
+record "join convergence, ${BIG}-host lab (registration to programmed on all others)" s "${big[@]}"
+
+log "5. resources of weft on h1"
+pid=$(cat "$(lab_dir h1)/weft.pid")
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+rss_idle=$(awk '/VmRSS/ {print $2 / 1024}' "/proc/$pid/status")
+t0=$(cpu_ticks "$pid"); s0=$(date +%s%N); sleep 5; t1=$(cpu_ticks "$pid"); s1=$(date +%s%N)
+record "weft RSS idle" MiB "$rss_idle"
+record "weft CPU idle" "% of one core" "$(python3 -c "print(100*($t1-$t0)/$hz/(($s1-$s0)/1e9))")"
+t0=$(cpu_ticks "$pid"); s0=$(date +%s%N)
+for i in $(seq "$CHURN"); do D h1 run -d --name "churn$i" --network app "$LAB_IMAGE" sleep 600 >/dev/null; done
+for i in $(seq "$CHURN"); do D h1 rm -f "churn$i" >/dev/null; done
+t1=$(cpu_ticks "$pid"); s1=$(date +%s%N)
+record "weft CPU during churn ($CHURN containers started and removed)" "% of one core" "$(python3 -c "print(100*($t1-$t0)/$hz/(($s1-$s0)/1e9))")"
+record "weft RSS peak after churn" MiB "$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status")"
+
+log "writing $out"
+mkdir -p "$(dirname "$out")"
+report=docs/benchmarks.md
+[ "$quick" = 1 ] && report="${out%.json}.md"
+python3 - "$REC" "$out" "$report" "$quick" <<'PY'
+import json, platform, subprocess, sys
+rec_path, out, report, quick = sys.argv[1:]
+recs = [json.loads(l) for l in open(rec_path)]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
+cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+wg = subprocess.run(["wireguard-go", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+machine = {"cpu": cpu, "cores": cores, "kernel": platform.release(), "wireguard": f"userspace: {wg} (this kernel has no WireGuard module)",
+           "docker": subprocess.run(["dockerd", "--version"], capture_output=True, text=True).stdout.strip()}
+json.dump({"machine": machine, "quick": quick == "1", "records": recs}, open(out, "w"), indent=1)
+def fmt(v):
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+lines = ["# weft benchmarks", "",
+         "Generated by `sudo scripts/bench.sh` " + ("(--quick: tiny samples, not a report)" if quick == "1" else "") +
+         "; every figure is the median of several runs with min and max, and each baseline ran in the same invocation, on the same machine, through the same lab.", "",
+         f"Machine: {cpu}, {cores} cores, kernel {machine['kernel']}; {machine['docker']}; WireGuard {machine['wireguard']}.", "",
+         "| measurement | unit | median | min | max | ratio to baseline |", "|---|---|---|---|---|---|"]
+for r in recs:
+    ratio = f"{r['ratio']} × {r['baseline']}" if "ratio" in r else ""
+    lines.append(f"| {r['name']} | {r['unit']} | {fmt(r['median'])} | {fmt(r['min'])} | {fmt(r['max'])} | {ratio} |")
+open(report, "w").write("\n".join(lines) + "\n")
+print(f"report: {report}", file=sys.stderr)
+PY
