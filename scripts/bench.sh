@@ -26,7 +26,7 @@ command -v iperf3 >/dev/null && command -v wg >/dev/null || {
 cargo build --locked --release >/dev/null 2>&1 || cargo build --locked --release
 
 if [ "$quick" = 1 ]; then RUNS=1 SECS=2 PINGS=20 STARTS=3 CHURN=5 ALLOCS=100 BIG=4
-else RUNS=5 SECS=8 PINGS=300 STARTS=50 CHURN=100 ALLOCS=2000 BIG=10; fi
+else RUNS=5 SECS=8 PINGS=300 STARTS=50 CHURN=100 ALLOCS=400 BIG=10; fi
 
 export LAB_ROOT=/tmp/weft-bench-$$ LAB_PREFIX=wbn$$ WEFT_LOG=info,weft::api=debug WEFT_HOST_TTL=5
 # shellcheck source=lib/lab.sh
@@ -98,7 +98,7 @@ lab_spawn h2 "$LAB_ROOT/iperf-underlay.log" iperf3 -s -p 5202 >/dev/null
 
 log "plain WireGuard tunnel between the same hosts ($(wireguard-go --version 2>/dev/null | head -1))"
 for i in 1 2; do
-  lab_exec "h$i" sh -c "wg genkey > $LAB_ROOT/wg$i.key && wg pubkey < $LAB_ROOT/wg$i.key > $LAB_ROOT/wg$i.pub"
+  lab_exec "h$i" sh -c "umask 077; wg genkey > $LAB_ROOT/wg$i.key && wg pubkey < $LAB_ROOT/wg$i.key > $LAB_ROOT/wg$i.pub"
   lab_exec "h$i" env -u WG_PROCESS_FOREGROUND wireguard-go wgb0 >/dev/null 2>&1
 done
 for i in 1 2; do
@@ -187,40 +187,39 @@ record "address allocations (request+release) embedded store" "allocations/s" "$
 record "address allocations (request+release) etcd store" "allocations/s" --baseline "address allocations (request+release) embedded store" "${etc[@]}"
 
 peers_of() { lab_exec "$1" wg show weft0 peers 2>/dev/null | grep -c . || true; }
-# join_lag NEW-HOST INDEX OTHERS…: seconds from NEW's registration to its peer on the last of OTHERS.
-join_lag() {
-  local new=$1 idx=$2; shift 2
-  local want=$#
-  local h
-  for h in "$@"; do echo "$(( $(peers_of "$h") + 1 ))" >"$LAB_ROOT/want.$h"; done
-  LAB_DOCKERD=0 lab_host_up "$new" "$idx" >/dev/null
-  local reg
-  reg=$(python3 - "$(lab_dir "$new")/weft.log" <<'PY'
-import datetime, sys, time
-for _ in range(200):
-    for line in open(sys.argv[1]):
-        if "host registered" in line:
-            ts = line.split()[0].rstrip("Z")
-            print(datetime.datetime.fromisoformat(ts).replace(tzinfo=datetime.timezone.utc).timestamp()); sys.exit()
-    time.sleep(0.05)
-PY
-)
-  local last=0 seen
-  for h in "$@"; do
-    seen=$(python3 - "$(lab_holder "$h")" "$(cat "$LAB_ROOT/want.$h")" <<'PY'
+cat >"$LAB_ROOT/peers.py" <<'PY'
+# Prints the time at which host (holder PID argv[1]) has argv[2] WireGuard peers.
 import subprocess, sys, time
 holder, want = sys.argv[1], int(sys.argv[2])
-for _ in range(1500):
+for _ in range(3000):
     out = subprocess.run(["nsenter", "-t", holder, "-m", "-n", "wg", "show", "weft0", "peers"], capture_output=True, text=True).stdout
     if len([l for l in out.splitlines() if l.strip()]) >= want:
         print(time.time()); sys.exit()
-    time.sleep(0.01)
+    time.sleep(0.005)
 print("nan")
 PY
-)
-    last=$(python3 -c "import sys; print(max(float(sys.argv[1]), float(sys.argv[2])))" "$last" "$seen")
+# join_lag NEW-HOST INDEX OTHERS…: seconds from NEW's registration until the last of
+# OTHERS has it as a peer. Watchers start before the new host does.
+join_lag() {
+  local new=$1 idx=$2; shift 2
+  local h pids=()
+  for h in "$@"; do
+    python3 "$LAB_ROOT/peers.py" "$(lab_holder "$h")" "$(( $(peers_of "$h") + 1 ))" >"$LAB_ROOT/seen.$h" &
+    pids+=($!)
   done
-  python3 -c "import sys; print(float(sys.argv[1]) - float(sys.argv[2]))" "$last" "$reg"
+  LAB_DOCKERD=0 lab_host_up "$new" "$idx" >/dev/null
+  for p in "${pids[@]}"; do wait "$p"; done
+  python3 - "$(lab_dir "$new")/weft.log" "$@" <<PY
+import datetime, sys
+reg = None
+for line in open(sys.argv[1]):
+    if "host registered" in line:
+        ts = line.split()[0].rstrip("Z")
+        reg = datetime.datetime.fromisoformat(ts).replace(tzinfo=datetime.timezone.utc).timestamp()
+        break
+seen = [float(open(f"$LAB_ROOT/seen.{h}").read()) for h in sys.argv[2:]]
+print(max(seen) - reg)
+PY
 }
 small=("$(join_lag h3 3 h1 h2)")
 record "join convergence, 3-host lab (registration to programmed on all others)" s "${small[@]}"

@@ -18,6 +18,8 @@ have gcc || need+=(gcc)
 have protoc || need+=(protobuf-compiler)
 have etcd || need+=(etcd-server)
 have wireguard-go || need+=(wireguard-go)
+have wg || need+=(wireguard-tools)
+have iperf3 || need+=(iperf3)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "deps: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

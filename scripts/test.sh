@@ -51,6 +51,12 @@ scripts/install.sh --root "$tmp" --uninstall >/dev/null
 [ ! -e "$tmp/usr/local/bin/weft" ] && [ ! -e "$tmp/etc/systemd/system/weft.service" ]
 rm -rf "$tmp"
 
+step "benchmarks run (--quick: they measure, they do not pass or fail on numbers)"
+bench_out=$(mktemp -d)
+scripts/bench.sh --quick --out "$bench_out/results.json"
+python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["records"]; assert len(r) >= 20, len(r)' "$bench_out/results.json"
+rm -rf "$bench_out"
+
 if [ "${WEFT_SKIP_DOCKER26:-0}" != 1 ]; then
   step "end to end, dockerd 26.1"
   DOCKERD_BIN=$(scripts/dockerd-26.sh) tests/e2e/single_host.sh

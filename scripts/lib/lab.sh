@@ -174,7 +174,7 @@ lab_image() {
   if command -v iperf3 >/dev/null; then
     cp "$(command -v iperf3)" "$root/bin/iperf3"
     ldd "$(command -v iperf3)" | awk '/=>/ {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
-      [ -e "$lib" ] && install -D -m 0644 "$(readlink -f "$lib")" "$root$lib"
+      [ -e "$lib" ] && install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
     done
   fi
   tar -C "$root" -c . | lab_docker "$host" import --change 'CMD ["sh"]' - "$LAB_IMAGE" >/dev/null
