@@ -92,16 +92,15 @@ impl WireGuard {
         }
     }
 
+    /// The interface's link index, if it exists.
+    async fn link_index(&self, handle: &rtnetlink::Handle) -> Option<u32> {
+        let found = handle.link().get().match_name(self.name.clone()).execute().try_next().await;
+        found.ok().flatten().map(|msg| msg.header.index)
+    }
+
     /// Tries to create a kernel WireGuard link (fine if it already exists).
     async fn kernel_link(&self, handle: &rtnetlink::Handle) -> Result<(), String> {
-        let exists = handle
-            .link()
-            .get()
-            .match_name(self.name.clone())
-            .execute()
-            .try_next()
-            .await
-            .is_ok();
+        let exists = self.link_index(handle).await.is_some();
         if exists && Device::get(&self.iface, Backend::Kernel).is_ok() {
             return Ok(());
         }
@@ -149,17 +148,11 @@ impl WireGuard {
     }
 
     async fn set_link_up(&self, handle: &rtnetlink::Handle) -> Result<(), TunnelError> {
+        // A userspace implementation creates its TUN link asynchronously.
         let mut found = None;
         for _ in 0..50 {
-            if let Ok(Some(msg)) = handle
-                .link()
-                .get()
-                .match_name(self.name.clone())
-                .execute()
-                .try_next()
-                .await
-            {
-                found = Some(msg.header.index);
+            found = self.link_index(handle).await;
+            if found.is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
