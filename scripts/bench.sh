@@ -268,6 +268,10 @@ lines = ["# weft benchmarks", "",
 for r in recs:
     ratio = f"{r['ratio']} × {r['baseline']}" if "ratio" in r else ""
     lines.append(f"| {r['name']} | {r['unit']} | {fmt(r['median'])} | {fmt(r['min'])} | {fmt(r['max'])} | {ratio} |")
-open(report, "w").write("\n".join(lines) + "\n")
+# The hand-written reading of a full run's figures (bench/notes.md) follows the tables.
+notes = "bench/notes.md"
+import os
+extra = ("\n" + open(notes).read()) if quick != "1" and os.path.exists(notes) else ""
+open(report, "w").write("\n".join(lines) + "\n" + extra)
 print(f"report: {report}", file=sys.stderr)
 PY

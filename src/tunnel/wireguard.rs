@@ -94,7 +94,13 @@ impl WireGuard {
 
     /// The interface's link index, if it exists.
     async fn link_index(&self, handle: &rtnetlink::Handle) -> Option<u32> {
-        let found = handle.link().get().match_name(self.name.clone()).execute().try_next().await;
+        let found = handle
+            .link()
+            .get()
+            .match_name(self.name.clone())
+            .execute()
+            .try_next()
+            .await;
         found.ok().flatten().map(|msg| msg.header.index)
     }
 
