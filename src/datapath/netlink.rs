@@ -38,6 +38,9 @@ pub struct NetlinkDatapath {
     nft_applied: std::sync::Mutex<Option<DesiredState>>,
     /// The tunnel interface whose traffic to containers is accepted, if any.
     tunnel_if: Option<String>,
+    /// One dump at a time on the shared netlink socket: the kernel answers a second
+    /// concurrent dump with EBUSY (the mesh and the driver both dump routes).
+    dumps: tokio::sync::Mutex<()>,
 }
 
 const IPTABLES_RECHECK: Duration = Duration::from_secs(5);
@@ -141,6 +144,7 @@ impl NetlinkDatapath {
             iptables_checked: std::sync::Mutex::new(None),
             nft_applied: std::sync::Mutex::new(None),
             tunnel_if: None,
+            dumps: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -151,6 +155,7 @@ impl NetlinkDatapath {
     }
 
     async fn links(&self) -> Result<Vec<Link>, DatapathError> {
+        let _dump = self.dumps.lock().await;
         let msgs: Vec<LinkMessage> = self
             .handle
             .link()
@@ -190,6 +195,7 @@ impl NetlinkDatapath {
     }
 
     async fn routes(&self) -> Result<Vec<Route>, DatapathError> {
+        let _dump = self.dumps.lock().await;
         let msgs: Vec<RouteMessage> = self
             .handle
             .route()
@@ -278,6 +284,7 @@ impl NetlinkDatapath {
             LinkUnspec::new_with_index(link.index).up().build(),
         )
         .await?;
+        let dump = self.dumps.lock().await;
         let addrs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -287,6 +294,7 @@ impl NetlinkDatapath {
             .try_collect()
             .await
             .map_err(|e| classify("list gateway addresses", e))?;
+        drop(dump);
         let mut present = BTreeSet::new();
         for msg in addrs {
             let ip = msg.attributes.iter().find_map(|a| match a {
@@ -672,6 +680,7 @@ impl Datapath for NetlinkDatapath {
         else {
             return Ok(None);
         };
+        let dump = self.dumps.lock().await;
         let addrs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -681,6 +690,7 @@ impl Datapath for NetlinkDatapath {
             .try_collect()
             .await
             .map_err(|e| classify("list underlay addresses", e))?;
+        drop(dump);
         Ok(addrs.iter().find_map(|m| {
             m.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Local(IpAddr::V4(ip))
