@@ -252,3 +252,45 @@ async fn sync_removes_routes_of_endpoints_that_are_gone() {
     dp.sync(&DesiredState::default()).await.unwrap();
     assert_eq!(sh("ip route show proto 87").trim(), "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root in a private netns: scripts/test.sh runs it with --ignored"]
+async fn concurrent_dumps_on_the_shared_socket_do_not_fail() {
+    assert_private_netns();
+    // Enough routes that a dump spans many netlink messages, so dumps overlap.
+    let batch: String = (0..4000)
+        .map(|i| {
+            format!(
+                "route add 10.{}.{}.0/24 dev dumpbr0\n",
+                100 + i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let file = std::env::temp_dir().join(format!("weft-dump-routes-{}.batch", std::process::id()));
+    std::fs::write(&file, batch).unwrap();
+    sh(&format!(
+        "ip link add dumpbr0 type bridge && ip link set dumpbr0 up && ip -batch {}",
+        file.display()
+    ));
+    std::fs::remove_file(&file).unwrap();
+    let dp = std::sync::Arc::new(NetlinkDatapath::connect("/proc/sys/net").unwrap());
+    // The mesh and the driver dump routes and links at the same time; the kernel
+    // refuses a second concurrent dump on one socket (EBUSY) unless weft serialises them.
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let dp = dp.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    dp.host_routes().await.map(|_| ())
+                } else {
+                    dp.endpoint_links().await.map(|_| ())
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().expect("a concurrent dump failed");
+    }
+    sh("ip link del dumpbr0");
+}
