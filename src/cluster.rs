@@ -101,7 +101,8 @@ async fn register_once(
     loop {
         tokio::time::sleep(every).await;
         keeper.keep_alive().await?;
-        match tokio::time::timeout(every, responses.message()).await {
+        // A slow answer is not a lost lease: wait up to the whole TTL before giving up.
+        match tokio::time::timeout(Duration::from_secs(ttl as u64), responses.message()).await {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
                 debug!(ttl = resp.ttl(), "lease renewed");
                 if marked.elapsed() >= SEEN_EVERY {

@@ -196,7 +196,7 @@ test_a_vanished_host_is_evicted() {
   python3 -c "import sys; lag=float(sys.argv[1])-float(sys.argv[2]); print(f'    evicted {lag:.3f}s after the kill (TTL {sys.argv[3]}s)'); sys.exit(0 if lag <= float(sys.argv[3]) + 1.5 else 1)" \
     "$(cat "$LAB_ROOT/evicted")" "$killed" "$WEFT_HOST_TTL" || fail "eviction too slow"
   [ "$(peer_count h2)" = 1 ] || fail "h2 still has h3"
-  lab_exec h1 ip route show proto 88 | grep -q . || fail "h1 lost its routes to h2"
+  retry 25 sh -c "nsenter -t $(lab_holder h1) -n ip route show proto 88 | grep -q ." || fail "h1 lost its routes to h2"
 }
 
 test_traffic_survives_etcd_loss_and_weft_recovers() {
