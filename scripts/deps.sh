@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
-# Installs what building and testing weft needs on Debian 12, if it is missing.
+# Installs the Debian 12 packages that building, running and testing weft need.
+# The list below is the only one in the project. Every run asks apt for every
+# package: apt-get skips what is installed and repairs what is not, so a machine
+# that has a command but lacks a package (protoc without its .proto includes) is
+# fixed too. Nothing is decided by looking for commands.
+#
+#   sudo scripts/deps.sh            install (apt-get update once, then install)
+#   scripts/deps.sh --list          print the package names, one a line
 set -euo pipefail
-need=()
-have() { command -v "$1" >/dev/null 2>&1; }
-have dockerd || need+=(docker.io)
-have containerd || need+=(containerd)
-have runc || need+=(runc)
-[ -x /bin/busybox ] && /bin/busybox --list | grep -qx httpd || need+=(busybox-static)
-have nft || need+=(nftables)
-have iptables || need+=(iptables)
-have ip || need+=(iproute2)
-have tcpdump || need+=(tcpdump)
-have curl || need+=(curl)
-have python3 || need+=(python3)
-have unshare || need+=(util-linux)
-have gcc || need+=(gcc)
-have protoc || need+=(protobuf-compiler)
-have etcd || need+=(etcd-server)
-have wireguard-go || need+=(wireguard-go)
-have wg || need+=(wireguard-tools)
-have iperf3 || need+=(iperf3)
-if [ "${#need[@]}" -gt 0 ]; then
-  echo "deps: installing ${need[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
-have cargo || { echo "deps: cargo (the Rust toolchain) is required" >&2; exit 1; }
+
+packages=(
+  # building: etcd-client's build script runs protoc, which needs the well-known
+  # .proto files (google/protobuf/*.proto) from libprotobuf-dev
+  protobuf-compiler libprotobuf-dev gcc libc6-dev pkg-config
+  # running: the datapath and the userspace WireGuard fallback
+  iproute2 nftables iptables wireguard-go wireguard-tools
+  # testing: dockerd and what it runs, etcd, the test image, probes, the registry
+  # for the managed-plugin install path, and the fresh-machine check
+  docker.io containerd runc etcd-server etcd-client busybox-static tcpdump curl
+  python3 util-linux iperf3 docker-registry mmdebstrap
+)
+
+if [ "${1:-}" = --list ]; then printf '%s\n' "${packages[@]}"; exit 0; fi
+[ "$(id -u)" = 0 ] || { echo "scripts/deps.sh: run as root (apt-get)" >&2; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+command -v cargo >/dev/null || { echo "deps: cargo (the Rust toolchain) is required" >&2; exit 1; }
