@@ -20,9 +20,6 @@ while [ $# -gt 0 ]; do
 done
 [ "$(id -u)" = 0 ] || { echo "scripts/bench.sh: run as root" >&2; exit 1; }
 scripts/deps.sh
-command -v iperf3 >/dev/null && command -v wg >/dev/null || {
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 wireguard-tools >/dev/null
-}
 cargo build --locked --release >/dev/null 2>&1 || cargo build --locked --release
 
 if [ "$quick" = 1 ]; then RUNS=1 SECS=2 PINGS=20 STARTS=3 CHURN=5 ALLOCS=100 BIG=4

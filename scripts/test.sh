@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of weft. As root, from a fresh clone, on Debian 12 with the Rust
 # toolchain: installs what it needs, then runs, in order:
-#   lint (fmt, clippy) -> unit and API tests -> datapath tests as root in a throwaway
+#   lint (fmt, clippy) -> unit and API tests -> the fresh-machine check (deps.sh,
+#   build and unit tests in a minimal Debian 12 root) -> datapath tests as root in a throwaway
 #   network namespace -> the etcd store against a real etcd -> end-to-end against a
 #   real dockerd 20.10 and 26.1 on one host, and across three hosts with etcd and
 #   WireGuard, and as a managed plugin, each in namespaces of its own (never the
@@ -23,6 +24,9 @@ cargo clippy --locked --all-targets -- -D warnings
 step "unit, store contract and API tests"
 cargo test --locked
 
+step "fresh machine: the README's build steps in a minimal Debian 12 root (scripts/fresh-check.sh)"
+scripts/fresh-check.sh
+
 step "datapath tests in a throwaway network namespace"
 cargo build --locked --release
 outer=$(readlink /proc/self/ns/net)
@@ -39,7 +43,7 @@ DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/single_host.sh
 step "end to end across hosts (etcd, WireGuard), dockerd 20.10"
 DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/multi_host.sh
 
-step "managed plugin (bundle, create/enable, disable refusal, dockerd restart, two hosts with etcd)"
+step "managed plugin (bundle, create/enable, disable refusal, dockerd restart, two hosts with etcd, install from a registry)"
 DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/plugin.sh
 
 step "host service install"

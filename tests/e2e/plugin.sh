@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End to end for weft as a managed Docker plugin: the bundle from
-# scripts/build-plugin.sh, created and enabled on lab hosts (no registry involved).
+# scripts/build-plugin.sh, created and enabled on lab hosts; and installed as a user
+# does, pushed to and installed from a registry (Debian's docker-registry) in a lab host.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 export LAB_ROOT=${LAB_ROOT:-/tmp/weft-plugin-$$} LAB_PREFIX=${LAB_PREFIX:-wpl$$} LAB_WEFT=plugin
@@ -86,6 +87,42 @@ test_two_hosts_with_the_managed_plugin_and_etcd() {
   pings q2 qb "$(ip_of q1 qa mesh)" 3
 }
 
+# A user installs from a registry: create + push, rm, then install --alias weft. The
+# registry (Debian's docker-registry) listens on 127.0.0.1 inside the lab host r1,
+# which dockerd trusts over plain HTTP. Docker registers a managed driver under its
+# name and tag: with --alias weft that is weft:latest, and a bare `-d weft` is refused
+# (docs/install.md and the README say so).
+test_install_from_a_registry_with_an_alias() {
+  local ref=127.0.0.1:5000/weft:0.1 reg out
+  lab_host_up r1 8 && lab_image r1
+  reg=$(lab_dir r1)/registry
+  mkdir -p "$reg/data"
+  cat >"$reg/config.yml" <<YML
+version: 0.1
+storage:
+  filesystem:
+    rootdirectory: $reg/data
+http:
+  addr: 127.0.0.1:5000
+YML
+  lab_spawn r1 "$reg/registry.log" docker-registry serve "$reg/config.yml" >"$reg/pid"
+  retry 50 lab_exec r1 curl -sf http://127.0.0.1:5000/v2/ >/dev/null
+  D r1 plugin create "$ref" "$BUNDLE" >/dev/null
+  D r1 plugin push "$ref" >/dev/null
+  D r1 plugin rm "$ref" >/dev/null
+  D r1 plugin install --alias weft --grant-all-permissions --disable "$ref" >/dev/null
+  D r1 plugin set weft state.source="$(lab_dir r1)/state"
+  D r1 plugin enable weft >/dev/null
+  [ "$(D r1 plugin inspect -f '{{.Name}}' weft)" = weft:latest ]
+  out=$(D r1 network create -d weft --ipam-driver weft --subnet 10.44.0.0/16 bare 2>&1) &&
+    fail "-d weft was accepted: docs/install.md says it is refused; update it"
+  echo "$out" | grep -q "could not resolve driver weft" || fail "unexpected: $out"
+  D r1 network create -d weft:latest --ipam-driver weft:latest --subnet 10.44.0.0/16 reg >/dev/null
+  run_bb r1 ra --network reg
+  run_bb r1 rb --network reg
+  pings r1 ra "$(ip_of r1 rb reg)" 3
+}
+
 main() {
   [ "$(id -u)" = 0 ] || { echo "plugin: needs root"; exit 1; }
   echo "== weft as a managed plugin: $($DOCKERD_BIN --version)"
@@ -96,7 +133,8 @@ main() {
     test_disable_is_refused_while_a_network_uses_it \
     test_state_survives_disable_and_enable \
     test_restart_always_container_comes_back_after_dockerd_restart \
-    test_two_hosts_with_the_managed_plugin_and_etcd; do
+    test_two_hosts_with_the_managed_plugin_and_etcd \
+    test_install_from_a_registry_with_an_alias; do
     run_test "$t"
   done
   summary "managed-plugin e2e"
