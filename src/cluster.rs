@@ -1,122 +1,209 @@
-//! This host's membership of the cluster: its record under `hosts/<id>`, attached to
-//! a short etcd lease that a background task keeps alive. When etcd is lost the
-//! record expires there but the host carries on (its blocks are durable, not leased);
-//! when etcd returns, the task registers again by itself.
+//! This host's membership of the cluster, on two etcd leases that one background
+//! task keeps alive:
+//! - `hosts/<id>` on a short lease (`--host-ttl`): what other hosts need to reach this
+//!   one; it expires soon after the host is gone (or cut off from etcd);
+//! - `seen/<id>` on a lease of the block grace period (`--block-grace`): while it
+//!   exists, nobody may reclaim this host's blocks. Its expiry is decided by etcd
+//!   alone, so no clocks are compared across hosts.
+//!
+//! When etcd is lost both records expire there in time but the host carries on; when
+//! etcd returns, the task registers again by itself. [`Tenure`] tells the rest of the
+//! daemon, on this host's own monotonic clock, what it may rely on meanwhile.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, PutOptions};
-use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+pub use crate::schema::{unix_now, HostRecord, SeenRecord};
 use crate::store::keys;
 
-/// What other hosts need to reach this one (`hosts/<id>`, leased).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HostRecord {
-    pub id: String,
-    /// Base64 WireGuard public key.
-    pub public_key: String,
-    /// Underlay address and WireGuard port.
-    pub endpoint: SocketAddr,
-    pub keepalive: Option<u16>,
+/// This host's standing in the cluster store, on its own monotonic clock.
+///
+/// - *Registered since*: when its registration last started to hold without a break.
+///   A host reclaims nothing before it has been registered for the whole grace
+///   period, so a host back from its own outage never acts on a stale view.
+/// - *Blocks safe until*: the send time of the last `seen/` keep-alive that etcd
+///   confirmed, plus the lease's TTL (less 5 % for clock-rate drift). etcd renewed
+///   the lease no earlier than that send, so until then nobody can have reclaimed
+///   this host's blocks, and addresses may come from them without asking etcd.
+///
+/// On a single host (embedded store) both always hold.
+pub struct Tenure {
+    standalone: bool,
+    state: Mutex<TenureState>,
+    /// Notified on every (re-)registration: blocks are verified again then.
+    pub registered_now: Notify,
 }
 
-/// When a host was last known alive (`seen/<id>`, durable): lets others reclaim the
-/// blocks of a host gone longer than the grace period.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SeenRecord {
-    /// Seconds since the Unix epoch.
-    pub last_seen: u64,
+#[derive(Default)]
+struct TenureState {
+    registered_since: Option<Instant>,
+    blocks_safe_until: Option<Instant>,
 }
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
+impl Tenure {
+    pub fn standalone() -> Self {
+        Self {
+            standalone: true,
+            state: Mutex::default(),
+            registered_now: Notify::new(),
+        }
+    }
+
+    pub fn clustered() -> Self {
+        Self {
+            standalone: false,
+            ..Self::standalone()
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut TenureState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn registered(&self) {
+        self.with(|s| {
+            s.registered_since.get_or_insert_with(Instant::now);
+        });
+        self.registered_now.notify_one();
+    }
+
+    pub fn lost(&self) {
+        self.with(|s| s.registered_since = None);
+    }
+
+    /// etcd confirmed a keep-alive of the `seen/` lease (TTL `ttl`) sent at `sent`.
+    pub fn seen_renewed(&self, sent: Instant, ttl: Duration) {
+        let until = sent + ttl - ttl / 20;
+        self.with(|s| s.blocks_safe_until = Some(until));
+    }
+
+    /// Whether this host's blocks are certainly still its own in etcd.
+    pub fn blocks_are_safe(&self) -> bool {
+        self.standalone || self.with(|s| s.blocks_safe_until.is_some_and(|t| Instant::now() < t))
+    }
+
+    /// How long the registration has held without a break (`None`: not registered).
+    pub fn registered_for(&self) -> Option<Duration> {
+        if self.standalone {
+            return Some(Duration::MAX);
+        }
+        self.with(|s| s.registered_since.map(|t| t.elapsed()))
+    }
 }
 
-/// How often the durable last-seen mark is refreshed while registered.
-const SEEN_EVERY: Duration = Duration::from_secs(30);
-
-/// Keeps `record` registered under a lease of `ttl` until the process ends. Sends
-/// `true` on `alive` while registered.
+/// Keeps `record` registered (and its `seen/` mark alive) until the process ends.
 pub fn spawn_registration(
     client: Client,
     prefix: String,
     record: HostRecord,
     ttl: Duration,
-    alive: watch::Sender<bool>,
+    grace: Duration,
+    tenure: std::sync::Arc<Tenure>,
 ) {
     tokio::spawn(async move {
-        let key = format!("{prefix}{}", keys::host(&record.id));
-        let seen_key = format!("{prefix}{}", keys::seen(&record.id));
+        let keys = RegistrationKeys {
+            host: format!("{prefix}{}", keys::host(&record.id)),
+            seen: format!("{prefix}{}", keys::seen(&record.id)),
+        };
         let value = serde_json::to_vec(&record).expect("host record serialises");
         let ttl_secs = ttl.as_secs().max(2) as i64;
+        let grace_secs = grace.as_secs().max(ttl.as_secs()).max(2) as i64;
         loop {
-            match register_once(&client, &key, &seen_key, &value, ttl_secs, &alive).await {
-                Ok(()) => warn!("host lease lost; registering again"),
+            match register_once(&client, &keys, &value, ttl_secs, grace_secs, &tenure).await {
+                Ok(()) => warn!("host registration lost; registering again"),
                 Err(e) => warn!(error = %e, "host registration failed; retrying"),
             }
-            let _ = alive.send(false);
+            tenure.lost();
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
 }
 
-async fn mark_seen(
-    kv: &mut etcd_client::KvClient,
-    seen_key: &str,
+struct RegistrationKeys {
+    host: String,
+    seen: String,
+}
+
+/// Registers once and keeps both leases alive; returns when the registration is lost
+/// (a lease expired, or `hosts/<id>` is no longer on this host's lease).
+async fn register_once(
+    client: &Client,
+    keys: &RegistrationKeys,
+    value: &[u8],
+    ttl: i64,
+    grace: i64,
+    tenure: &Tenure,
 ) -> Result<(), etcd_client::Error> {
+    let mut lease = client.lease_client();
+    let mut kv = client.kv_client();
+    let host_lease = lease.grant(ttl, None).await?.id();
+    let seen_sent = Instant::now();
+    let seen_lease = lease.grant(grace, None).await?.id();
     let mark = serde_json::to_vec(&SeenRecord {
         last_seen: unix_now(),
     })
     .expect("serialises");
-    kv.put(seen_key, mark, None).await.map(|_| ())
-}
-
-async fn register_once(
-    client: &Client,
-    key: &str,
-    seen_key: &str,
-    value: &[u8],
-    ttl: i64,
-    alive: &watch::Sender<bool>,
-) -> Result<(), etcd_client::Error> {
-    let mut lease = client.lease_client();
-    let mut kv = client.kv_client();
-    let granted = lease.grant(ttl, None).await?;
-    let id = granted.id();
-    kv.put(key, value, Some(PutOptions::new().with_lease(id)))
-        .await?;
-    mark_seen(&mut kv, seen_key).await?;
-    let mut marked = std::time::Instant::now();
-    info!(lease = id, ttl, "host registered");
-    let _ = alive.send(true);
-    let (mut keeper, mut responses) = lease.keep_alive(id).await?;
+    kv.put(
+        keys.seen.as_str(),
+        mark,
+        Some(PutOptions::new().with_lease(seen_lease)),
+    )
+    .await?;
+    tenure.seen_renewed(seen_sent, Duration::from_secs(grace as u64));
+    kv.put(
+        keys.host.as_str(),
+        value,
+        Some(PutOptions::new().with_lease(host_lease)),
+    )
+    .await?;
+    info!(lease = host_lease, ttl, grace, "host registered");
+    tenure.registered();
+    let (mut host_keeper, mut host_answers) = lease.keep_alive(host_lease).await?;
+    let (mut seen_keeper, mut seen_answers) = lease.keep_alive(seen_lease).await?;
     let every = Duration::from_millis((ttl as u64 * 1000) / 3);
+    // A slow answer is not a lost lease: wait up to the whole TTL before giving up.
+    let patience = Duration::from_secs(ttl as u64);
+    let mut renewals: u64 = 0;
     loop {
         tokio::time::sleep(every).await;
-        keeper.keep_alive().await?;
-        // A slow answer is not a lost lease: wait up to the whole TTL before giving up.
-        match tokio::time::timeout(Duration::from_secs(ttl as u64), responses.message()).await {
+        let sent = Instant::now();
+        host_keeper.keep_alive().await?;
+        seen_keeper.keep_alive().await?;
+        match tokio::time::timeout(patience, host_answers.message()).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => debug!(ttl = resp.ttl(), "lease renewed"),
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(no_answer()),
+        }
+        match tokio::time::timeout(patience, seen_answers.message()).await {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
-                debug!(ttl = resp.ttl(), "lease renewed");
-                if marked.elapsed() >= SEEN_EVERY {
-                    mark_seen(&mut kv, seen_key).await?;
-                    marked = std::time::Instant::now();
-                }
+                tenure.seen_renewed(sent, Duration::from_secs(grace as u64))
             }
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(etcd_client::Error::InvalidArgs(
-                    "lease keep-alive got no answer".into(),
-                ));
+            Err(_) => return Err(no_answer()),
+        }
+        // Someone may have deleted or re-attached our record (another daemon on the
+        // same id): a registration that holds nothing is no registration.
+        renewals += 1;
+        if renewals % 3 == 0 {
+            let resp = kv.get(keys.host.as_str(), None).await?;
+            let ours = resp
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.lease() == host_lease);
+            if !ours {
+                warn!("hosts/ record missing or not on this host's lease");
+                return Ok(());
             }
         }
     }
+}
+
+fn no_answer() -> etcd_client::Error {
+    etcd_client::Error::InvalidArgs("lease keep-alive got no answer".into())
 }

@@ -91,6 +91,16 @@ pub struct DaemonConfig {
     #[arg(long, env = "WEFT_RECONCILE_INTERVAL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub reconcile_interval: u64,
 
+    /// Seconds after which an endpoint that was created but never joined (or left and
+    /// never deleted) is collected: its link, route and firewall element go.
+    #[arg(long, env = "WEFT_ENDPOINT_GRACE", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub endpoint_grace: u64,
+
+    /// Seconds after which an address that no endpoint uses (its endpoint never came,
+    /// or its ReleaseAddress was lost) is released, on pools of weft networks.
+    #[arg(long, env = "WEFT_ADDRESS_GRACE", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub address_grace: u64,
+
     /// Where the network sysctls are (a managed plugin bind-mounts the host's).
     #[arg(long, env = "WEFT_PROC_SYS_NET", default_value = "/proc/sys/net")]
     pub proc_sys_net: String,

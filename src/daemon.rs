@@ -13,11 +13,12 @@ use tracing::{error, info, warn};
 
 use crate::api::{router, AppState};
 use crate::cluster::HostRecord;
+use crate::cluster::Tenure;
 use crate::config::DaemonConfig;
 use crate::datapath::netlink::NetlinkDatapath;
 use crate::datapath::Datapath;
 use crate::driver::{Driver, DriverConfig};
-use crate::ipam::{Ipam, IpamConfig};
+use crate::ipam::{Blocks, Ipam, IpamConfig, Verified};
 use crate::mesh::Mesh;
 use crate::status::StatusSource;
 use crate::store::embedded::EmbeddedStore;
@@ -89,11 +90,18 @@ async fn shutdown_signal() {
 
 /// Multi-host wiring: the etcd store, the WireGuard device, this host's registration
 /// and the mesh reconciler.
-async fn start_cluster(
+struct Cluster {
+    store: Arc<dyn Store>,
+    etcd: EtcdStore,
+    tunnel: Arc<dyn Tunnel>,
+    record: HostRecord,
+}
+
+async fn connect_cluster(
     config: &DaemonConfig,
     host: &str,
-    datapath: Arc<dyn Datapath>,
-) -> anyhow::Result<(Arc<dyn Store>, Arc<Mesh>)> {
+    datapath: &Arc<dyn Datapath>,
+) -> anyhow::Result<Cluster> {
     let cluster = &config.cluster;
     let etcd = EtcdStore::connect(&cluster.etcd())
         .await
@@ -126,22 +134,12 @@ async fn start_cluster(
         keepalive: cluster.wg_keepalive,
     };
     info!(endpoint = %record.endpoint, wireguard = wg.backend_name(), "joining the mesh");
-    let (alive, _) = tokio::sync::watch::channel(false);
-    crate::cluster::spawn_registration(
-        etcd.client(),
-        etcd.prefix().to_string(),
+    Ok(Cluster {
+        store: Arc::new(etcd.clone()),
+        etcd,
+        tunnel: Arc::new(wg),
         record,
-        Duration::from_secs(cluster.host_ttl),
-        alive,
-    );
-    let store: Arc<dyn Store> = Arc::new(etcd.clone());
-    let mesh = Arc::new(
-        Mesh::new(store.clone(), Arc::new(wg), datapath, host.to_string())
-            .with_block_grace(Duration::from_secs(cluster.block_grace)),
-    );
-    tokio::spawn(mesh.clone().run(Duration::from_secs(cluster.mesh_interval)));
-    tokio::spawn(mesh.clone().watch(etcd.client(), etcd.prefix().to_string()));
-    Ok((store, mesh))
+    })
 }
 
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
@@ -155,12 +153,27 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         netlink = netlink.with_tunnel(&config.cluster.wg_interface);
     }
     let datapath: Arc<dyn Datapath> = Arc::new(netlink);
-    let (cluster, mesh) = if config.cluster.enabled() {
-        let (store, mesh) = start_cluster(&config, &host, datapath.clone()).await?;
-        (store, Some(mesh))
+    let grace = Duration::from_secs(config.cluster.block_grace);
+    let clustered = if config.cluster.enabled() {
+        Some(connect_cluster(&config, &host, &datapath).await?)
     } else {
-        (local.clone(), None)
+        None
     };
+    let tenure = Arc::new(if clustered.is_some() {
+        Tenure::clustered()
+    } else {
+        Tenure::standalone()
+    });
+    let cluster = clustered
+        .as_ref()
+        .map_or_else(|| local.clone(), |c| c.store.clone());
+    let blocks = Arc::new(Blocks::new(
+        cluster.clone(),
+        local.clone(),
+        host.clone(),
+        tenure.clone(),
+        grace,
+    ));
     let driver = Arc::new(
         Driver::new(
             local.clone(),
@@ -168,6 +181,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             DriverConfig {
                 default_mtu: config.mtu,
                 mtu_overhead: config.mtu_overhead,
+                endpoint_grace: Duration::from_secs(config.endpoint_grace),
             },
         )
         .with_cluster(cluster.clone(), host.clone()),
@@ -175,23 +189,45 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let ipam = Arc::new(Ipam::new(
         cluster.clone(),
         local,
-        host.clone(),
-        datapath,
+        blocks.clone(),
+        datapath.clone(),
         IpamConfig {
             default_pools: config.default_address_pool.clone(),
             default_pool_prefix: config.default_pool_size,
             default_block_prefix: config.block_size,
         },
     ));
-    if mesh.is_some() {
-        // Blocks this host still has addresses in must still be its own (they could
-        // have been reclaimed while it was gone longer than the grace period).
-        match ipam.verify_owned_blocks().await {
-            Ok(0) => {}
-            Ok(n) => warn!(reclaimed = n, "re-claimed blocks this host still uses"),
-            Err(e) => warn!(error = %e, "could not verify block ownership"),
+    let mesh = match clustered {
+        Some(c) => {
+            crate::cluster::spawn_registration(
+                c.etcd.client(),
+                c.etcd.prefix().to_string(),
+                c.record,
+                Duration::from_secs(config.cluster.host_ttl),
+                grace,
+                tenure.clone(),
+            );
+            // Blocks this host still has addresses in must still be its own (they could
+            // have been reclaimed while it was gone longer than the grace period); the
+            // mesh checks again on every pass and every re-registration.
+            match blocks.verify().await {
+                Ok(v) if v == Verified::default() => {}
+                Ok(v) => warn!(?v, "block ownership verified with findings"),
+                Err(e) => warn!(error = %e, "could not verify block ownership"),
+            }
+            let mesh = Arc::new(Mesh::new(c.store, c.tunnel, datapath, blocks, tenure));
+            tokio::spawn(
+                mesh.clone()
+                    .run(Duration::from_secs(config.cluster.mesh_interval)),
+            );
+            tokio::spawn(
+                mesh.clone()
+                    .watch(c.etcd.client(), c.etcd.prefix().to_string()),
+            );
+            Some(mesh)
         }
-    }
+        None => None,
+    };
     info!(host = %host, state_dir = %config.state_dir.display(), "weft starting");
 
     // Before serving: the kernel must match what the store says (state survives kill -9).
@@ -205,6 +241,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
 
     let reconciler = {
         let driver = driver.clone();
+        let ipam = ipam.clone();
+        let address_grace = Duration::from_secs(config.address_grace);
         let every = config.reconcile_every();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -218,13 +256,22 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "reconcile incomplete"),
                 }
+                match driver.addresses_in_use().await {
+                    Ok(in_use) => {
+                        if let Err(e) = ipam.collect_unused_addresses(&in_use, address_grace).await
+                        {
+                            warn!(error = %e, "address collection incomplete");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "address collection skipped"),
+                }
             }
         })
     };
 
     let status = Arc::new(StatusSource {
         host: host.clone(),
-        cluster,
+        blocks: ipam.blocks().clone(),
         mesh,
     });
     let app = router(AppState {

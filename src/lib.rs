@@ -13,6 +13,7 @@ pub mod driver;
 pub mod ipam;
 pub mod mesh;
 pub mod protocol;
+pub mod schema;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -13,9 +13,9 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::cluster::{HostRecord, SeenRecord};
+use crate::cluster::{HostRecord, Tenure};
 use crate::datapath::{Datapath, DatapathError};
-use crate::ipam::BlockRecord;
+use crate::ipam::Blocks;
 use crate::store::{keys, Store, StoreError, StoreExt};
 use crate::tunnel::{Peer, PeerDiff, Tunnel, TunnelError};
 
@@ -27,6 +27,8 @@ pub enum MeshError {
     Tunnel(#[from] TunnelError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Ipam(#[from] crate::ipam::IpamError),
 }
 
 /// Peers for every live host but `me`, each allowed (and routed) its own blocks.
@@ -60,10 +62,10 @@ pub struct Mesh {
     cluster: Arc<dyn Store>,
     tunnel: Arc<dyn Tunnel>,
     datapath: Arc<dyn Datapath>,
+    blocks: Arc<Blocks>,
+    tenure: Arc<Tenure>,
     host: String,
     wake: Notify,
-    /// How long a host may be gone before others reclaim its blocks.
-    block_grace: Duration,
 }
 
 impl Mesh {
@@ -71,62 +73,18 @@ impl Mesh {
         cluster: Arc<dyn Store>,
         tunnel: Arc<dyn Tunnel>,
         datapath: Arc<dyn Datapath>,
-        host: String,
+        blocks: Arc<Blocks>,
+        tenure: Arc<Tenure>,
     ) -> Self {
         Self {
             cluster,
             tunnel,
             datapath,
-            host,
+            host: blocks.host().to_string(),
+            blocks,
+            tenure,
             wake: Notify::new(),
-            block_grace: Duration::from_secs(600),
         }
-    }
-
-    pub fn with_block_grace(mut self, grace: Duration) -> Self {
-        self.block_grace = grace;
-        self
-    }
-
-    /// Deletes the blocks of hosts that have been gone (no live record) for longer than
-    /// the grace period, and their last-seen marks once they own nothing. Every host
-    /// runs this; the conditional deletes make it safe to run concurrently. A host
-    /// with no last-seen mark is never reclaimed from (it registers before it serves).
-    pub async fn reclaim_blocks(&self, live: &[HostRecord]) -> Result<usize, MeshError> {
-        let now = crate::cluster::unix_now();
-        let gone_for = |id: &str, seen: &[(String, crate::store::Record<SeenRecord>)]| {
-            seen.iter()
-                .find(|(k, _)| k.rsplit('/').next() == Some(id))
-                .map(|(_, r)| now.saturating_sub(r.value.last_seen))
-        };
-        let seen = self.cluster.list_json::<SeenRecord>(keys::SEEN).await?;
-        let blocks = self.cluster.list_json::<BlockRecord>(keys::BLOCKS).await?;
-        let mut reclaimed = 0;
-        let mut remaining: Vec<&str> = Vec::new();
-        for (key, rec) in &blocks {
-            let owner = &rec.value.host;
-            if live.iter().any(|h| &h.id == owner) {
-                remaining.push(owner);
-                continue;
-            }
-            if gone_for(owner, &seen).is_some_and(|secs| secs > self.block_grace.as_secs())
-                && self.cluster.delete(key, Some(rec.revision)).await?
-            {
-                info!(block = %key, host = %owner, "reclaimed the block of a host gone longer than the grace period");
-                reclaimed += 1;
-            } else {
-                remaining.push(owner);
-            }
-        }
-        for (key, rec) in &seen {
-            let id = key.rsplit('/').next().unwrap_or_default();
-            let owns = remaining.contains(&id);
-            let long_gone = now.saturating_sub(rec.value.last_seen) > self.block_grace.as_secs();
-            if long_gone && !owns && !live.iter().any(|h| h.id == id) {
-                self.cluster.delete(key, Some(rec.revision)).await?;
-            }
-        }
-        Ok(reclaimed)
     }
 
     pub fn tunnel(&self) -> &Arc<dyn Tunnel> {
@@ -146,21 +104,21 @@ impl Mesh {
     /// Every block in the cluster with its owner.
     pub async fn blocks(&self) -> Result<Vec<(Ipv4Network, String)>, MeshError> {
         Ok(self
-            .cluster
-            .list_json::<BlockRecord>(keys::BLOCKS)
+            .blocks
+            .all()
             .await?
             .into_iter()
-            .filter_map(|(key, r)| {
-                let seg = key.rsplit('/').next()?;
-                let block = seg.replacen('_', "/", 1).parse().ok()?;
-                Some((block, r.value.host))
-            })
+            .map(|(_, block, owner)| (block, owner))
             .collect())
     }
 
     pub async fn reconcile(&self) -> Result<PeerDiff, MeshError> {
         let hosts = self.hosts().await?;
-        if let Err(e) = self.reclaim_blocks(&hosts).await {
+        // Ownership first: the blocks this host uses must still be its own.
+        if let Err(e) = self.blocks.verify().await {
+            warn!(error = %e, "block verification incomplete");
+        }
+        if let Err(e) = self.blocks.reclaim(&hosts).await {
             warn!(error = %e, "block reclaim skipped");
         }
         let blocks = self.blocks().await?;
@@ -193,6 +151,7 @@ impl Mesh {
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
+                _ = self.tenure.registered_now.notified() => {}
                 _ = tokio::time::sleep(every) => {}
             }
             // Coalesce a burst of changes into one pass.
@@ -242,6 +201,7 @@ impl Mesh {
 mod tests {
     use super::*;
     use crate::datapath::fake::FakeDatapath;
+    use crate::schema::BlockRecord;
     use crate::store::embedded::EmbeddedStore;
     use crate::tunnel::fake::FakeTunnel;
 
@@ -252,60 +212,6 @@ mod tests {
             endpoint: format!("{ip}:51820").parse().unwrap(),
             keepalive: None,
         }
-    }
-
-    #[tokio::test]
-    async fn blocks_of_hosts_gone_past_the_grace_period_are_reclaimed() {
-        let store = Arc::new(EmbeddedStore::in_memory());
-        let mesh = Mesh::new(
-            store.clone(),
-            Arc::new(FakeTunnel::default()),
-            Arc::new(FakeDatapath::new()),
-            "a".into(),
-        )
-        .with_block_grace(Duration::from_secs(600));
-        let pool: Ipv4Network = "10.42.0.0/16".parse().unwrap();
-        let now = crate::cluster::unix_now();
-        for (owner, block, seen_ago) in [
-            ("a", "10.42.0.0/26", Some(0)),
-            ("long-gone", "10.42.0.64/26", Some(700)),
-            ("just-gone", "10.42.0.128/26", Some(60)),
-            ("never-seen", "10.42.0.192/26", None),
-        ] {
-            store
-                .create_json(
-                    &keys::block(pool, block.parse().unwrap()),
-                    &BlockRecord { host: owner.into() },
-                )
-                .await
-                .unwrap();
-            if let Some(ago) = seen_ago {
-                store
-                    .create_json(
-                        &keys::seen(owner),
-                        &SeenRecord {
-                            last_seen: now - ago,
-                        },
-                    )
-                    .await
-                    .unwrap();
-            }
-        }
-        let live = vec![host("a", "192.0.2.11")];
-        assert_eq!(mesh.reclaim_blocks(&live).await.unwrap(), 1);
-        let owners: Vec<String> = mesh
-            .blocks()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(_, h)| h)
-            .collect();
-        assert_eq!(owners, ["a", "just-gone", "never-seen"]);
-        assert!(
-            store.get(&keys::seen("long-gone")).await.unwrap().is_none(),
-            "its mark goes with its last block"
-        );
-        assert!(store.get(&keys::seen("a")).await.unwrap().is_some());
     }
 
     #[test]
@@ -344,7 +250,15 @@ mod tests {
         let store = Arc::new(EmbeddedStore::in_memory());
         let tunnel = Arc::new(FakeTunnel::default());
         let dp = Arc::new(FakeDatapath::new());
-        let mesh = Mesh::new(store.clone(), tunnel.clone(), dp.clone(), "a".into());
+        let tenure = Arc::new(Tenure::clustered());
+        let blocks = Arc::new(Blocks::new(
+            store.clone(),
+            Arc::new(EmbeddedStore::in_memory()),
+            "a".into(),
+            tenure.clone(),
+            Duration::from_secs(600),
+        ));
+        let mesh = Mesh::new(store.clone(), tunnel.clone(), dp.clone(), blocks, tenure);
         for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
             store
                 .create_json(&keys::host(&h.id), &h)

@@ -7,13 +7,12 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{Driver, DriverError};
-use crate::ipam::BlockRecord;
+use crate::ipam::{BlockConflict, Blocks};
 use crate::mesh::Mesh;
-use crate::store::{keys, Store, StoreExt};
 
 pub struct StatusSource {
     pub host: String,
-    pub cluster: Arc<dyn Store>,
+    pub blocks: Arc<Blocks>,
     pub mesh: Option<Arc<Mesh>>,
 }
 
@@ -25,6 +24,10 @@ pub struct Status {
     pub networks: Vec<NetworkStatus>,
     pub blocks: Vec<String>,
     pub endpoints: Vec<EndpointStatus>,
+    /// Blocks this host still has containers in while another host owns them: no
+    /// address comes from them here until the conflict is resolved.
+    #[serde(default)]
+    pub conflicts: Vec<BlockConflict>,
     /// Why part of the view is missing (e.g. etcd unreachable), if it is.
     pub errors: Vec<String>,
 }
@@ -92,19 +95,16 @@ impl StatusSource {
                 joined: e.joined,
             })
             .collect();
-        let all_blocks: Vec<(String, String)> =
-            match self.cluster.list_json::<BlockRecord>(keys::BLOCKS).await {
-                Ok(list) => list
-                    .into_iter()
-                    .filter_map(|(k, r)| {
-                        Some((k.rsplit('/').next()?.replacen('_', "/", 1), r.value.host))
-                    })
-                    .collect(),
-                Err(e) => {
-                    errors.push(format!("blocks: {e}"));
-                    Vec::new()
-                }
-            };
+        let all_blocks: Vec<(String, String)> = match self.blocks.all().await {
+            Ok(list) => list
+                .into_iter()
+                .map(|(_, block, owner)| (block.to_string(), owner))
+                .collect(),
+            Err(e) => {
+                errors.push(format!("blocks: {e}"));
+                Vec::new()
+            }
+        };
         let blocks_of = |h: &str| {
             all_blocks
                 .iter()
@@ -152,6 +152,7 @@ impl StatusSource {
             hosts,
             networks,
             endpoints,
+            conflicts: self.blocks.conflicts(),
             errors,
         })
     }
@@ -219,6 +220,20 @@ pub fn render(s: &Status) -> String {
             e.address,
             e.link,
             if e.joined { "joined" } else { "created" }
+        );
+    }
+    for c in &s.conflicts {
+        let _ = writeln!(
+            out,
+            "\nCONFLICT: block {} of {} belongs to host {} in etcd, but this host still has {} there; no address comes from it here",
+            c.block,
+            c.pool,
+            c.owner,
+            c.addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     for e in &s.errors {

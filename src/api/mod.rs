@@ -70,7 +70,21 @@ async fn request_span(req: Request, next: Next) -> Response {
     let span = info_span!("request", %method);
     async move {
         let started = Instant::now();
-        let response = next.run(req).await;
+        // Spawned, so that a request's work runs to completion even when dockerd
+        // hangs up mid-request (a dropped future would stop between two steps).
+        let work = tokio::spawn(next.run(req).in_current_span());
+        let response = match work.await {
+            Ok(response) => response,
+            Err(e) => {
+                tracing::error!(error = %e, "request handler failed");
+                let msg = "weft: internal error handling the request";
+                (
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(serde_json::json!({"Err": msg, "Error": msg})),
+                )
+                    .into_response()
+            }
+        };
         tracing::debug!(
             status = response.status().as_u16(),
             micros = started.elapsed().as_micros() as u64,

@@ -29,16 +29,23 @@ fn harness() -> Harness {
         fake.clone(),
         DriverConfig::default(),
     ));
-    let ipam = Arc::new(Ipam::new(
+    let blocks = Arc::new(crate::ipam::Blocks::new(
         store.clone(),
         store.clone(),
         "h1".into(),
+        Arc::new(crate::cluster::Tenure::standalone()),
+        std::time::Duration::from_secs(600),
+    ));
+    let ipam = Arc::new(Ipam::new(
+        store.clone(),
+        store.clone(),
+        blocks.clone(),
         fake.clone(),
         IpamConfig::default(),
     ));
     let status = Arc::new(crate::status::StatusSource {
         host: "h1".into(),
-        cluster: store.clone(),
+        blocks,
         mesh: None,
     });
     Harness {

@@ -561,11 +561,14 @@ impl Datapath for NetlinkDatapath {
         let dst = Ipv4Network::new(ep.address, 32).expect("/32");
         match self.routes().await {
             Ok(routes) => {
+                // Only the route through this endpoint's own link: another endpoint may
+                // hold the address now. A route through a vanished link is gone with it.
                 let host_index = self.link(&ep.host_if).await.ok().flatten().map(|l| l.index);
                 for r in routes.iter().filter(|r| {
                     r.dst == dst
                         && r.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
-                        && (host_index.is_none() || r.oif == host_index)
+                        && host_index.is_some()
+                        && r.oif == host_index
                 }) {
                     if let Err(e) = self.delete_route(r).await {
                         errors.push(e);

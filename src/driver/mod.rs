@@ -10,7 +10,6 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{info, instrument, warn};
 
@@ -18,8 +17,10 @@ use crate::datapath::{
     link_names, Datapath, DatapathError, DesiredState, EndpointSpec, NetworkSpec,
 };
 use crate::protocol::network as proto;
+use crate::schema::unix_now;
 use crate::store::{keys, Store, StoreError, StoreExt};
 
+pub use crate::schema::{EndpointRecord, NetworkRecord, OverlayRecord};
 pub use options::NetworkOptions;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,40 +37,6 @@ pub enum DriverError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
-}
-
-/// A Docker network on this host (`networks/<NetworkID>`, local store).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NetworkRecord {
-    pub id: String,
-    pub subnet: Ipv4Network,
-    pub gateway: Option<Ipv4Addr>,
-    pub internal: bool,
-    pub mtu: u32,
-    /// `-o weft.network=NAME`: the cluster-wide name, when the user gave one.
-    pub name: Option<String>,
-}
-
-/// A network's identity across hosts (`overlays/<subnet>`, cluster store): the hosts
-/// that have it and the name they agreed on, if any.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct OverlayRecord {
-    pub name: Option<String>,
-    pub hosts: std::collections::BTreeSet<String>,
-}
-
-/// An endpoint on this host (`endpoints/<EndpointID>`, local store).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct EndpointRecord {
-    pub id: String,
-    pub network_id: String,
-    pub address: Ipv4Addr,
-    pub host_if: String,
-    pub container_if: String,
-    pub mtu: u32,
-    /// Set by Join, cleared by Leave. Once joined, the container end belongs to Docker
-    /// and the pair dies with the container's namespace.
-    pub joined: bool,
 }
 
 impl EndpointRecord {
@@ -89,6 +56,8 @@ pub struct DriverConfig {
     pub default_mtu: Option<u32>,
     /// Bytes subtracted from the underlay MTU (WireGuard over an IPv6 underlay: 80).
     pub mtu_overhead: u32,
+    /// How long an endpoint may stay unjoined before the reconciler collects it.
+    pub endpoint_grace: std::time::Duration,
 }
 
 impl Default for DriverConfig {
@@ -96,6 +65,7 @@ impl Default for DriverConfig {
         Self {
             default_mtu: None,
             mtu_overhead: 80,
+            endpoint_grace: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -335,7 +305,9 @@ impl Driver {
             container_if,
             mtu: network.mtu,
             joined: false,
+            since: unix_now(),
         };
+        let mut superseded = Vec::new();
         for other in self.endpoints().await? {
             if other.id == record.id {
                 return if other.network_id == record.network_id && other.address == record.address {
@@ -354,6 +326,25 @@ impl Driver {
                     short(&other.id),
                     record.host_if
                 )));
+            }
+            if other.address == record.address && self.same_subnet(&other, &network).await? {
+                // Docker gave the address to this endpoint, so IPAM had it free: the
+                // other record is a leftover (never joined, or its container is gone).
+                // A live joined endpoint on the same address is a real conflict.
+                if other.joined && self.datapath.host_link_exists(&other.host_if).await? {
+                    return Err(DriverError::Conflict(format!(
+                        "address {} is in use by endpoint {} on this host",
+                        record.address,
+                        short(&other.id)
+                    )));
+                }
+                superseded.push(other);
+            }
+        }
+        for old in superseded {
+            warn!(endpoint = %short(&old.id), address = %old.address, "superseding a stale endpoint that held this address");
+            if let Err(e) = self.remove_endpoint(&old).await {
+                warn!(error = %e, "removing the superseded endpoint left something behind");
             }
         }
         if self
@@ -466,12 +457,50 @@ impl Driver {
             .modify_json::<EndpointRecord, DriverError, _>(&key, |current| {
                 Ok(current.map(|mut ep| {
                     ep.joined = false;
+                    ep.since = unix_now();
                     ep
                 }))
             })
             .await?;
         info!("endpoint left");
         Ok(())
+    }
+
+    /// Whether an unjoined endpoint has waited longer than the endpoint grace
+    /// (records written before weft kept the time count from now on).
+    fn unjoined_too_long(&self, ep: &EndpointRecord) -> bool {
+        ep.since != 0 && unix_now().saturating_sub(ep.since) > self.config.endpoint_grace.as_secs()
+    }
+
+    async fn same_subnet(
+        &self,
+        other: &EndpointRecord,
+        network: &NetworkRecord,
+    ) -> Result<bool, DriverError> {
+        if other.network_id == network.id {
+            return Ok(true);
+        }
+        Ok(self
+            .local
+            .get_json::<NetworkRecord>(&keys::network(&other.network_id))
+            .await?
+            .is_none_or(|n| n.value.subnet == network.subnet))
+    }
+
+    /// Every (subnet, address) an endpoint of this host holds: what IPAM must keep.
+    pub async fn addresses_in_use(
+        &self,
+    ) -> Result<std::collections::BTreeSet<(Ipv4Network, Ipv4Addr)>, DriverError> {
+        let networks = self.networks().await?;
+        Ok(self
+            .endpoints()
+            .await?
+            .into_iter()
+            .filter_map(|ep| {
+                let net = networks.iter().find(|n| n.id == ep.network_id)?;
+                Some((net.subnet, ep.address))
+            })
+            .collect())
     }
 
     async fn network(&self, id: &str) -> Result<NetworkRecord, DriverError> {
@@ -539,8 +568,9 @@ impl Driver {
         for ep in self.endpoints().await? {
             let network_known = networks.iter().any(|n| n.id == ep.network_id);
             let container_gone = ep.joined && !self.datapath.host_link_exists(&ep.host_if).await?;
-            if !network_known || container_gone {
-                info!(endpoint = %short(&ep.id), network_known, container_gone, "forgetting stale endpoint");
+            let never_joined = !ep.joined && self.unjoined_too_long(&ep);
+            if !network_known || container_gone || never_joined {
+                info!(endpoint = %short(&ep.id), network_known, container_gone, never_joined, "forgetting stale endpoint");
                 if let Err(e) = self.datapath.teardown_endpoint(&ep.spec()).await {
                     errors.push(DriverError::from(e));
                 }

@@ -10,6 +10,17 @@ struct Host {
     local: Arc<EmbeddedStore>,
 }
 
+/// The block owner of a host that is always safely registered (as on one host).
+fn blocks_for(cluster: Arc<dyn Store>, local: Arc<dyn Store>, id: &str) -> Arc<Blocks> {
+    Arc::new(Blocks::new(
+        cluster,
+        local,
+        id.into(),
+        Arc::new(crate::cluster::Tenure::standalone()),
+        std::time::Duration::from_secs(600),
+    ))
+}
+
 fn host(cluster: &Arc<EmbeddedStore>, id: &str, routes: Vec<Ipv4Network>) -> Host {
     let local = Arc::new(EmbeddedStore::in_memory());
     let fake = Arc::new(FakeDatapath::new());
@@ -17,7 +28,7 @@ fn host(cluster: &Arc<EmbeddedStore>, id: &str, routes: Vec<Ipv4Network>) -> Hos
     let ipam = Arc::new(Ipam::new(
         cluster.clone(),
         local.clone(),
-        id.into(),
+        blocks_for(cluster.clone(), local.clone(), id),
         fake,
         IpamConfig::default(),
     ));
@@ -152,9 +163,9 @@ async fn automatic_pools_run_out_with_a_clear_error() {
         default_block_prefix: 26,
     };
     let ipam = Ipam::new(
-        cluster,
-        local,
-        "h1".into(),
+        cluster.clone(),
+        local.clone(),
+        blocks_for(cluster, local, "h1"),
         Arc::new(FakeDatapath::new()),
         config,
     );
@@ -446,7 +457,7 @@ async fn owned_blocks_serve_containers_while_the_cluster_store_is_down() {
     let ipam = Ipam::new(
         cluster.clone(),
         local.clone(),
-        "h1".into(),
+        blocks_for(cluster.clone(), local.clone(), "h1"),
         Arc::new(FakeDatapath::new()),
         IpamConfig::default(),
     );
@@ -497,7 +508,7 @@ async fn a_restarted_host_claims_back_blocks_it_still_uses() {
         .delete(&keys::block(pool, block), None)
         .await
         .unwrap();
-    assert_eq!(h.ipam.verify_owned_blocks().await.unwrap(), 1);
+    assert_eq!(h.ipam.blocks().verify().await.unwrap().claimed_back, 1);
     let owner = cluster
         .get_json::<BlockRecord>(&keys::block(pool, block))
         .await
@@ -505,8 +516,8 @@ async fn a_restarted_host_claims_back_blocks_it_still_uses() {
         .unwrap();
     assert_eq!(owner.value.host, "h1");
     assert_eq!(
-        h.ipam.verify_owned_blocks().await.unwrap(),
-        0,
+        h.ipam.blocks().verify().await.unwrap(),
+        Verified::default(),
         "nothing to do the second time"
     );
 }

@@ -9,7 +9,7 @@
 pub mod contract;
 pub mod embedded;
 pub mod etcd;
-pub mod keys;
+pub use crate::schema::keys;
 
 use async_trait::async_trait;
 use serde::{de::DeserializeOwned, Serialize};

@@ -1,0 +1,296 @@
+//! Pools: shared `pools/<cidr>` records, refcounted per host, with the gateway and
+//! aux reservations; the cache that lets owned blocks serve without the cluster store.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+
+use super::{allocator, Ipam, IpamError, BLOCK_SIZE_OPTION};
+use crate::schema::{NetworkRecord, PoolRecord};
+use crate::store::{keys, StoreExt};
+
+impl Ipam {
+    pub(super) fn block_prefix(&self, options: &BTreeMap<String, String>) -> Result<u8, IpamError> {
+        for key in options.keys() {
+            if key.starts_with("weft.") && key != BLOCK_SIZE_OPTION {
+                return Err(IpamError::Invalid(format!(
+                    "unknown IPAM option {key:?} (known: {BLOCK_SIZE_OPTION})"
+                )));
+            }
+        }
+        match options.get(BLOCK_SIZE_OPTION) {
+            None => Ok(self.config.default_block_prefix),
+            Some(v) => match v.trim_start_matches('/').parse::<u8>() {
+                Ok(p) if (16..=30).contains(&p) => Ok(p),
+                _ => Err(IpamError::Invalid(format!(
+                    "{BLOCK_SIZE_OPTION}={v:?}: expected a prefix length from 16 to 30, such as 26"
+                ))),
+            },
+        }
+    }
+
+    pub(super) async fn held_pools(&self) -> Result<Vec<PoolRecord>, IpamError> {
+        Ok(self
+            .cluster
+            .list_json::<PoolRecord>(keys::POOLS)
+            .await?
+            .into_iter()
+            .map(|(_, r)| r.value)
+            .collect())
+    }
+
+    pub(super) async fn reference_pool(
+        &self,
+        pool: Ipv4Network,
+        sub_pool: Option<Ipv4Network>,
+        block_prefix: u8,
+        explicit_block: bool,
+    ) -> Result<(), IpamError> {
+        let others = self.held_pools().await?;
+        if let Some(other) = others
+            .iter()
+            .find(|o| o.pool != pool && allocator::overlaps(o.pool, pool))
+        {
+            return Err(IpamError::Conflict(format!(
+                "subnet {pool} overlaps subnet {} already in use",
+                other.pool
+            )));
+        }
+        let host = self.host.clone();
+        self.modify_pool(pool, |current| {
+                let mut rec = match current {
+                    None => PoolRecord {
+                        pool,
+                        sub_pool,
+                        block_prefix,
+                        automatic: false,
+                        gateway: None,
+                        refs: BTreeMap::new(),
+                        aux: BTreeMap::new(),
+                    },
+                    Some(rec) => {
+                        if rec.sub_pool != sub_pool {
+                            return Err(IpamError::Conflict(format!(
+                                "subnet {pool} is already in use with ip-range {}; use the same --ip-range",
+                                rec.sub_pool.map_or("(none)".to_string(), |s| s.to_string())
+                            )));
+                        }
+                        if explicit_block && rec.block_prefix != block_prefix {
+                            return Err(IpamError::Conflict(format!(
+                                "subnet {pool} is already in use with {BLOCK_SIZE_OPTION}={}",
+                                rec.block_prefix
+                            )));
+                        }
+                        rec
+                    }
+                };
+                *rec.refs.entry(host.clone()).or_default() += 1;
+                Ok(Some(rec))
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn claim_automatic_pool(
+        &self,
+        block_prefix: u8,
+    ) -> Result<Ipv4Network, IpamError> {
+        let held: Vec<Ipv4Network> = self
+            .held_pools()
+            .await?
+            .into_iter()
+            .map(|p| p.pool)
+            .collect();
+        let routes: Vec<Ipv4Network> = self.routes.host_routes().await?;
+        for space in &self.config.default_pools {
+            for candidate in allocator::candidate_pools(
+                *space,
+                self.config.default_pool_prefix.max(space.prefix()),
+            ) {
+                let busy = held
+                    .iter()
+                    .chain(routes.iter())
+                    .any(|n| allocator::overlaps(*n, candidate));
+                if busy {
+                    continue;
+                }
+                let rec = PoolRecord {
+                    pool: candidate,
+                    sub_pool: None,
+                    block_prefix,
+                    automatic: true,
+                    gateway: None,
+                    refs: BTreeMap::from([(self.host.clone(), 1)]),
+                    aux: BTreeMap::new(),
+                };
+                if self
+                    .cluster
+                    .create_json(&keys::pool(candidate), &rec)
+                    .await?
+                    .is_some()
+                {
+                    self.remember(candidate, Some(&rec));
+                    return Ok(candidate);
+                }
+            }
+        }
+        Err(IpamError::Exhausted(format!(
+            "no free automatic pool left in {:?}; pass --subnet or widen --default-address-pool",
+            self.config
+                .default_pools
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        )))
+    }
+
+    /// Compare-and-set on a pool record, keeping the cache in step.
+    pub(super) async fn modify_pool<F>(
+        &self,
+        pool: Ipv4Network,
+        f: F,
+    ) -> Result<Option<PoolRecord>, IpamError>
+    where
+        F: FnMut(Option<PoolRecord>) -> Result<Option<PoolRecord>, IpamError> + Send,
+    {
+        let after = self
+            .cluster
+            .modify_json::<PoolRecord, IpamError, _>(&keys::pool(pool), f)
+            .await?;
+        self.remember(pool, after.as_ref());
+        Ok(after)
+    }
+
+    pub(super) fn remember(&self, pool: Ipv4Network, rec: Option<&PoolRecord>) {
+        let mut cache = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        match rec {
+            Some(r) if r.refs.contains_key(&self.host) => {
+                cache.insert(pool, r.clone());
+            }
+            _ => {
+                cache.remove(&pool);
+            }
+        }
+    }
+
+    pub(super) async fn pool_record(&self, pool: Ipv4Network) -> Result<PoolRecord, IpamError> {
+        if let Some(rec) = self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pool)
+        {
+            return Ok(rec.clone());
+        }
+        let rec = self
+            .cluster
+            .get_json::<PoolRecord>(&keys::pool(pool))
+            .await?
+            .map(|r| r.value);
+        self.remember(pool, rec.as_ref());
+        match rec {
+            Some(r) if r.refs.contains_key(&self.host) => Ok(r),
+            _ => Err(IpamError::NotFound(format!(
+                "pool {pool} is not held by this host (was it released?)"
+            ))),
+        }
+    }
+
+    pub(super) fn check_host_address(
+        &self,
+        pool: &PoolRecord,
+        ip: Ipv4Addr,
+    ) -> Result<(), IpamError> {
+        if !allocator::is_host_address(pool.pool, ip) {
+            return Err(IpamError::Invalid(format!(
+                "address {ip} is not a usable address of subnet {}",
+                pool.pool
+            )));
+        }
+        if pool.gateway == Some(ip) {
+            return Err(IpamError::Conflict(format!(
+                "address {ip} is the gateway of subnet {}",
+                pool.pool
+            )));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn pool_attached_to_network(
+        &self,
+        pool: Ipv4Network,
+    ) -> Result<bool, IpamError> {
+        let networks = self
+            .local
+            .list_json::<NetworkRecord>(keys::NETWORKS)
+            .await?;
+        Ok(networks.iter().any(|(_, n)| n.value.subnet == pool))
+    }
+
+    pub(super) async fn gateway(
+        &self,
+        pool: Ipv4Network,
+        wanted: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, IpamError> {
+        let taken = self.local_addresses(pool).await?;
+        let rec = self
+            .modify_pool(pool, |current| {
+                let mut rec =
+                    current.ok_or_else(|| IpamError::NotFound(format!("pool {pool} vanished")))?;
+                let ip = wanted
+                    .or(rec.gateway)
+                    .unwrap_or_else(|| allocator::default_gateway(pool));
+                match rec.gateway {
+                    Some(g) if g != ip => {
+                        return Err(IpamError::Conflict(format!(
+                            "subnet {pool} already has gateway {g}; pass --gateway {g} or none"
+                        )))
+                    }
+                    Some(_) => {}
+                    None => {
+                        if !allocator::is_host_address(pool, ip) {
+                            return Err(IpamError::Invalid(format!(
+                                "gateway {ip} is not a usable address of subnet {pool}"
+                            )));
+                        }
+                        if taken.contains(&ip) || rec.aux.contains_key(&ip) {
+                            return Err(IpamError::Conflict(format!(
+                                "gateway {ip} is already in use"
+                            )));
+                        }
+                        rec.gateway = Some(ip);
+                    }
+                }
+                Ok(Some(rec))
+            })
+            .await?
+            .expect("modify keeps the record");
+        Ok(rec.gateway.expect("gateway set"))
+    }
+
+    pub(super) async fn reserve_aux(
+        &self,
+        pool: Ipv4Network,
+        ip: Ipv4Addr,
+    ) -> Result<Ipv4Addr, IpamError> {
+        if self.local_addresses(pool).await?.contains(&ip) {
+            return Err(IpamError::Conflict(format!(
+                "address {ip} is already in use"
+            )));
+        }
+        let host = self.host.clone();
+        self.modify_pool(pool, |current| {
+            let mut rec =
+                current.ok_or_else(|| IpamError::NotFound(format!("pool {pool} vanished")))?;
+            if !rec.aux.entry(ip).or_default().insert(host.clone()) {
+                return Err(IpamError::Conflict(format!(
+                    "address {ip} is already reserved"
+                )));
+            }
+            Ok(Some(rec))
+        })
+        .await?;
+        Ok(ip)
+    }
+}

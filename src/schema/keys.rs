@@ -1,0 +1,212 @@
+//! Every key weft writes, as a type that encodes and decodes itself (the schema is
+//! documented in `docs/etcd-schema.md` and `docs/architecture.md`). Keys are
+//! relative: a store may put them under a prefix.
+//!
+//! Cluster-wide (shared by hosts): `pools/`, `blocks/`, `hosts/`, `overlays/`, `seen/`.
+//! Host-local: `networks/`, `endpoints/`, `addresses/`. CIDRs are written with `_`
+//! instead of `/` so that a key segment never contains a slash.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+
+pub const POOLS: &str = "pools/";
+pub const BLOCKS: &str = "blocks/";
+pub const NETWORKS: &str = "networks/";
+pub const ENDPOINTS: &str = "endpoints/";
+pub const ADDRESSES: &str = "addresses/";
+pub const HOSTS: &str = "hosts/";
+pub const OVERLAYS: &str = "overlays/";
+pub const SEEN: &str = "seen/";
+
+/// One stored key, decoded.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    Pool(Ipv4Network),
+    Block {
+        pool: Ipv4Network,
+        block: Ipv4Network,
+    },
+    Overlay(Ipv4Network),
+    Host(String),
+    Seen(String),
+    Network(String),
+    Endpoint(String),
+    Address {
+        pool: Ipv4Network,
+        ip: Ipv4Addr,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid key {0:?}")]
+pub struct KeyError(pub String);
+
+impl Key {
+    /// Decodes a relative key (no store prefix). Every segment must be canonical:
+    /// a CIDR is its network address, an id is non-empty and has no slash.
+    pub fn parse(key: &str) -> Result<Key, KeyError> {
+        let bad = || KeyError(key.to_string());
+        let (kind, rest) = key.split_once('/').ok_or_else(bad)?;
+        let segments: Vec<&str> = rest.split('/').collect();
+        let parsed = match (kind, segments.as_slice()) {
+            ("pools", [p]) => Key::Pool(parse_segment(p)?),
+            ("blocks", [p, b]) => {
+                let pool = parse_segment(p)?;
+                let block = parse_segment(b)?;
+                if block.prefix() < pool.prefix() || !pool.contains(block.network()) {
+                    return Err(bad());
+                }
+                Key::Block { pool, block }
+            }
+            ("overlays", [s]) => Key::Overlay(parse_segment(s)?),
+            ("hosts", [id]) => Key::Host(parse_id(id)?),
+            ("seen", [id]) => Key::Seen(parse_id(id)?),
+            ("networks", [id]) => Key::Network(parse_id(id)?),
+            ("endpoints", [id]) => Key::Endpoint(parse_id(id)?),
+            ("addresses", [p, ip]) => {
+                let pool = parse_segment(p)?;
+                let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+                if !pool.contains(ip) {
+                    return Err(bad());
+                }
+                Key::Address { pool, ip }
+            }
+            _ => return Err(bad()),
+        };
+        Ok(parsed)
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::Pool(p) => write!(f, "{POOLS}{}", cidr_segment(*p)),
+            Key::Block { pool, block } => {
+                write!(
+                    f,
+                    "{BLOCKS}{}/{}",
+                    cidr_segment(*pool),
+                    cidr_segment(*block)
+                )
+            }
+            Key::Overlay(s) => write!(f, "{OVERLAYS}{}", cidr_segment(*s)),
+            Key::Host(id) => write!(f, "{HOSTS}{id}"),
+            Key::Seen(id) => write!(f, "{SEEN}{id}"),
+            Key::Network(id) => write!(f, "{NETWORKS}{id}"),
+            Key::Endpoint(id) => write!(f, "{ENDPOINTS}{id}"),
+            Key::Address { pool, ip } => write!(f, "{ADDRESSES}{}/{ip}", cidr_segment(*pool)),
+        }
+    }
+}
+
+pub fn cidr_segment(net: Ipv4Network) -> String {
+    format!("{}_{}", net.network(), net.prefix())
+}
+
+fn parse_segment(seg: &str) -> Result<Ipv4Network, KeyError> {
+    let bad = || KeyError(seg.to_string());
+    let (ip, prefix) = seg.split_once('_').ok_or_else(bad)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    let net = Ipv4Network::new(ip, prefix).map_err(|_| bad())?;
+    if net.network() != ip {
+        return Err(bad());
+    }
+    Ok(net)
+}
+
+fn parse_id(id: &str) -> Result<String, KeyError> {
+    if id.is_empty() || id.contains('/') {
+        return Err(KeyError(id.to_string()));
+    }
+    Ok(id.to_string())
+}
+
+pub fn pool(pool: Ipv4Network) -> String {
+    Key::Pool(pool).to_string()
+}
+
+pub fn blocks_of(pool: Ipv4Network) -> String {
+    format!("{BLOCKS}{}/", cidr_segment(pool))
+}
+
+pub fn block(pool: Ipv4Network, block: Ipv4Network) -> String {
+    Key::Block { pool, block }.to_string()
+}
+
+pub fn overlay(subnet: Ipv4Network) -> String {
+    Key::Overlay(subnet).to_string()
+}
+
+pub fn seen(id: &str) -> String {
+    Key::Seen(id.to_string()).to_string()
+}
+
+pub fn host(id: &str) -> String {
+    Key::Host(id.to_string()).to_string()
+}
+
+pub fn network(id: &str) -> String {
+    Key::Network(id.to_string()).to_string()
+}
+
+pub fn endpoint(id: &str) -> String {
+    Key::Endpoint(id.to_string()).to_string()
+}
+
+pub fn addresses_of(pool: Ipv4Network) -> String {
+    format!("{ADDRESSES}{}/", cidr_segment(pool))
+}
+
+pub fn address(pool: Ipv4Network, ip: Ipv4Addr) -> String {
+    Key::Address { pool, ip }.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_decodes_to_what_encoded_it() {
+        let pool: Ipv4Network = "10.42.0.0/16".parse().unwrap();
+        let keys = [
+            Key::Pool(pool),
+            Key::Block {
+                pool,
+                block: "10.42.0.64/26".parse().unwrap(),
+            },
+            Key::Overlay(pool),
+            Key::Host("ab12".into()),
+            Key::Seen("ab12".into()),
+            Key::Network("n1".into()),
+            Key::Endpoint("e1".into()),
+            Key::Address {
+                pool,
+                ip: "10.42.0.5".parse().unwrap(),
+            },
+        ];
+        for key in keys {
+            assert_eq!(Key::parse(&key.to_string()), Ok(key.clone()), "{key}");
+        }
+    }
+
+    #[test]
+    fn malformed_keys_are_errors_not_guesses() {
+        for bad in [
+            "pools/10.42.0.0",
+            "pools/10.42.0.1_16",
+            "blocks/10.42.0.0_16",
+            "blocks/10.42.0.0_16/10.43.0.0_26",
+            "blocks/10.42.0.0_16/10.0.0.0_8",
+            "blocks/10.42.0.0_16/10.42.0.0_26/x",
+            "hosts/",
+            "addresses/10.42.0.0_16/10.43.0.1",
+            "unknown/x",
+            "nokind",
+        ] {
+            assert!(Key::parse(bad).is_err(), "{bad} parsed");
+        }
+    }
+}

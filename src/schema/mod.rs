@@ -1,0 +1,137 @@
+//! The shape of weft's state: every stored record and the key it lives under
+//! ([`keys::Key`]). Cluster records are shared by every host through the cluster
+//! store (etcd, or the embedded store on one host); local records belong to this host.
+//! `docs/etcd-schema.md` describes the same schema for operators.
+
+pub mod keys;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+pub use keys::Key;
+
+// ---- cluster records ----
+
+/// A pool, shared by every host that requested it (`pools/<cidr>`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolRecord {
+    pub pool: Ipv4Network,
+    pub sub_pool: Option<Ipv4Network>,
+    pub block_prefix: u8,
+    /// Chosen by weft (no `--subnet`), not by the user.
+    pub automatic: bool,
+    pub gateway: Option<Ipv4Addr>,
+    /// host id -> number of RequestPool calls not yet released.
+    pub refs: BTreeMap<String, u32>,
+    /// `--aux-address` reservations: address -> hosts that reserved it.
+    pub aux: BTreeMap<Ipv4Addr, BTreeSet<String>>,
+}
+
+impl PoolRecord {
+    /// Where container addresses come from: the ip-range, else the whole pool.
+    pub fn range(&self) -> Ipv4Network {
+        self.sub_pool.unwrap_or(self.pool)
+    }
+
+    /// Addresses never handed to a container: the gateway and the aux reservations.
+    pub fn reserved(&self) -> BTreeSet<Ipv4Addr> {
+        self.aux.keys().copied().chain(self.gateway).collect()
+    }
+
+    /// Whether `block` is a block this pool can have (inside it, of its block size).
+    pub fn has_block(&self, block: Ipv4Network) -> bool {
+        block.prefix() == self.block_prefix.max(self.pool.prefix())
+            && self.pool.contains(block.network())
+    }
+}
+
+/// Ownership of one block of a pool (`blocks/<pool>/<block>`). Only the cluster
+/// store decides who owns a block: a host hands out addresses from a block only
+/// while this record names it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlockRecord {
+    pub host: String,
+}
+
+/// A network's identity across hosts (`overlays/<subnet>`): the hosts that have it
+/// and the name they agreed on, if any.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OverlayRecord {
+    pub name: Option<String>,
+    pub hosts: BTreeSet<String>,
+}
+
+/// What other hosts need to reach this one (`hosts/<id>`, on the host's short lease).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostRecord {
+    pub id: String,
+    /// Base64 WireGuard public key.
+    pub public_key: String,
+    /// Underlay address and WireGuard port.
+    pub endpoint: SocketAddr,
+    pub keepalive: Option<u16>,
+}
+
+/// A host's membership for block ownership (`seen/<id>`, on a lease of the block
+/// grace period that the host keeps alive). Its absence, decided by the store's
+/// lease alone, means the host has been gone longer than the grace period: no
+/// clocks are compared across hosts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SeenRecord {
+    /// Seconds since the Unix epoch at registration (informational only).
+    pub last_seen: u64,
+}
+
+// ---- local records ----
+
+/// A Docker network on this host (`networks/<NetworkID>`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkRecord {
+    pub id: String,
+    pub subnet: Ipv4Network,
+    pub gateway: Option<Ipv4Addr>,
+    pub internal: bool,
+    pub mtu: u32,
+    /// `-o weft.network=NAME`: the cluster-wide name, when the user gave one.
+    pub name: Option<String>,
+}
+
+/// An endpoint on this host (`endpoints/<EndpointID>`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointRecord {
+    pub id: String,
+    pub network_id: String,
+    pub address: Ipv4Addr,
+    pub host_if: String,
+    pub container_if: String,
+    pub mtu: u32,
+    /// Set by Join, cleared by Leave. Once joined, the container end belongs to Docker
+    /// and the pair dies with the container's namespace.
+    pub joined: bool,
+    /// When it was created or last left (seconds since the Unix epoch, this host's
+    /// clock): a never-joined endpoint older than the endpoint grace is collected.
+    #[serde(default)]
+    pub since: u64,
+}
+
+/// An address this host handed out (`addresses/<pool>/<ip>`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddressRecord {
+    pub block: Ipv4Network,
+    /// When it was handed out (seconds since the Unix epoch, this host's clock; 0 in
+    /// records written before weft kept it).
+    #[serde(default)]
+    pub since: u64,
+}
+
+/// Seconds since the Unix epoch on this host's clock. Only ever compared with
+/// other readings of the same host's clock.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
