@@ -313,3 +313,109 @@ async fn a_network_name_must_match_across_hosts() {
         "the last host removes the identity"
     );
 }
+
+const EP2: &str = "7c0de0000000000000000000000000000000000000000000000000000000000b";
+
+#[tokio::test]
+async fn a_newer_endpoint_supersedes_a_never_joined_one_holding_its_address() {
+    let (d, fake, _) = setup();
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
+    // Left behind when weft was killed between CreateEndpoint and Join.
+    d.create_endpoint(endpoint_req(NET, EP, "10.42.0.77/16"))
+        .await
+        .unwrap();
+    d.create_endpoint(endpoint_req(NET, EP2, "10.42.0.77/16"))
+        .await
+        .unwrap();
+    let eps = d.endpoints().await.unwrap();
+    assert_eq!(eps.len(), 1, "one record per address: {eps:?}");
+    assert_eq!(eps[0].id, EP2);
+    let links = fake.links();
+    assert!(
+        !links.contains("wfh9ab1c2d3e4f5") && links.contains("wfh7c0de0000000"),
+        "the stale pair is gone, the new one is there: {links:?}"
+    );
+    let synced = fake.with(|s| s.synced.clone());
+    assert_eq!(
+        synced.endpoints.len(),
+        1,
+        "one /32 and one firewall element"
+    );
+}
+
+#[tokio::test]
+async fn a_live_endpoint_keeps_its_address() {
+    let (d, _, _) = setup();
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
+    d.create_endpoint(endpoint_req(NET, EP, "10.42.0.77/16"))
+        .await
+        .unwrap();
+    d.join(join_req(NET, EP)).await.unwrap();
+    let err = d
+        .create_endpoint(endpoint_req(NET, EP2, "10.42.0.77/16"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DriverError::Conflict(_)), "{err}");
+    assert_eq!(d.endpoints().await.unwrap()[0].id, EP);
+}
+
+#[tokio::test]
+async fn never_joined_endpoints_are_collected_after_the_grace() {
+    let store = Arc::new(EmbeddedStore::in_memory());
+    let fake = Arc::new(FakeDatapath::new());
+    let d = Driver::new(
+        store.clone(),
+        fake.clone(),
+        DriverConfig {
+            endpoint_grace: std::time::Duration::from_secs(60),
+            ..DriverConfig::default()
+        },
+    );
+    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
+        .await
+        .unwrap();
+    d.create_endpoint(endpoint_req(NET, EP, "10.42.0.5/16"))
+        .await
+        .unwrap();
+    d.create_endpoint(endpoint_req(NET, EP2, "10.42.0.6/16"))
+        .await
+        .unwrap();
+    assert_eq!(
+        d.reconcile().await.unwrap().stale_endpoints,
+        0,
+        "young: kept"
+    );
+    // EP was created two minutes ago and never joined.
+    let key = keys::endpoint(EP);
+    store
+        .modify_json::<EndpointRecord, DriverError, _>(&key, |ep| {
+            Ok(ep.map(|mut ep| {
+                ep.since -= 120;
+                ep
+            }))
+        })
+        .await
+        .unwrap();
+    assert_eq!(d.reconcile().await.unwrap().stale_endpoints, 1);
+    let left: Vec<String> = d
+        .endpoints()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, [EP2]);
+    assert!(!fake.links().contains("wfh9ab1c2d3e4f5"));
+    let in_use = d.addresses_in_use().await.unwrap();
+    assert_eq!(
+        in_use
+            .into_iter()
+            .map(|(_, ip)| ip.to_string())
+            .collect::<Vec<_>>(),
+        ["10.42.0.6"]
+    );
+}

@@ -521,3 +521,292 @@ async fn a_restarted_host_claims_back_blocks_it_still_uses() {
         "nothing to do the second time"
     );
 }
+
+// ---- block ownership under faults ----
+
+fn pool_of(s: &str) -> Ipv4Network {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn release_pool_releases_only_this_hosts_blocks() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let h1 = host(&cluster, "h1", vec![]);
+    let id = pool_id(&h1, "10.42.0.0/24", "").await;
+    attach_network(&h1, "10.42.0.0/24").await;
+    h1.ipam.request_address(&id, "", &none()).await.unwrap();
+    // h2 claimed a block of the same pool (say, after re-creating it) that h1 never
+    // had a reference to.
+    let theirs = pool_of("10.42.0.192/26");
+    cluster
+        .create_json(
+            &keys::block(pool_of("10.42.0.0/24"), theirs),
+            &BlockRecord { host: "h2".into() },
+        )
+        .await
+        .unwrap();
+    h1.ipam.release_pool(&id).await.unwrap();
+    let left = h1.ipam.blocks().all().await.unwrap();
+    assert_eq!(
+        left,
+        vec![(pool_of("10.42.0.0/24"), theirs, "h2".to_string())],
+        "h1's block went, h2's stayed"
+    );
+}
+
+#[tokio::test]
+async fn a_block_another_host_owns_is_a_conflict_and_serves_no_address() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let h1 = host(&cluster, "h1", vec![]);
+    let id = pool_id(&h1, "10.42.0.0/24", "").await;
+    attach_network(&h1, "10.42.0.0/24").await;
+    let first = h1
+        .ipam
+        .request_address(&id, "", &none())
+        .await
+        .unwrap()
+        .ip();
+    let pool = pool_of("10.42.0.0/24");
+    let block = allocator::block_of(pool, 26, first);
+    // While h1 was cut off, its block was reclaimed and h2 took it.
+    cluster
+        .delete(&keys::block(pool, block), None)
+        .await
+        .unwrap();
+    cluster
+        .create_json(
+            &keys::block(pool, block),
+            &BlockRecord { host: "h2".into() },
+        )
+        .await
+        .unwrap();
+    let found = h1.ipam.blocks().verify().await.unwrap();
+    assert_eq!(found.conflicts, 1);
+    let conflicts = h1.ipam.blocks().conflicts();
+    assert_eq!(conflicts[0].owner, "h2");
+    assert_eq!(conflicts[0].addresses, vec![first]);
+    for _ in 0..5 {
+        let ip = h1
+            .ipam
+            .request_address(&id, "", &none())
+            .await
+            .unwrap()
+            .ip();
+        assert!(!block.contains(ip), "{ip} came from h2's block {block}");
+    }
+    // h1's container in that block goes: the conflict is over.
+    h1.ipam
+        .release_address(&id, &first.to_string())
+        .await
+        .unwrap();
+    assert_eq!(h1.ipam.blocks().verify().await.unwrap().conflicts, 0);
+    assert!(h1.ipam.blocks().conflicts().is_empty());
+}
+
+/// A host cut off from the cluster store may serve addresses from its own blocks
+/// only while its seen/ lease is certainly alive in the store.
+#[tokio::test]
+async fn owned_blocks_serve_offline_only_while_the_seen_lease_holds() {
+    let cluster = Arc::new(Switchable {
+        inner: EmbeddedStore::in_memory(),
+        down: Default::default(),
+    });
+    let local = Arc::new(EmbeddedStore::in_memory());
+    let tenure = Arc::new(crate::cluster::Tenure::clustered());
+    tenure.registered();
+    tenure.seen_renewed(
+        std::time::Instant::now(),
+        std::time::Duration::from_secs(600),
+    );
+    let blocks = Arc::new(Blocks::new(
+        cluster.clone(),
+        local.clone(),
+        "h1".into(),
+        tenure.clone(),
+        std::time::Duration::from_secs(600),
+    ));
+    let h = Host {
+        ipam: Arc::new(Ipam::new(
+            cluster.clone(),
+            local.clone(),
+            blocks,
+            Arc::new(FakeDatapath::new()),
+            IpamConfig::default(),
+        )),
+        local,
+    };
+    let id = pool_id(&h, "10.42.0.0/24", "").await;
+    attach_network(&h, "10.42.0.0/24").await;
+    h.ipam.request_address(&id, "", &none()).await.unwrap();
+    cluster
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    h.ipam
+        .request_address(&id, "", &none())
+        .await
+        .expect("lease alive: served from the owned block");
+    // The last confirmed renewal is now older than the lease.
+    tenure.seen_renewed(
+        std::time::Instant::now() - std::time::Duration::from_secs(700),
+        std::time::Duration::from_secs(600),
+    );
+    let err = h.ipam.request_address(&id, "", &none()).await.unwrap_err();
+    assert!(err.to_string().contains("cut off"), "{err}");
+}
+
+async fn seed_gone_host(cluster: &Arc<EmbeddedStore>) -> Ipv4Network {
+    let pool = pool_of("10.42.0.0/24");
+    for (owner, block) in [
+        ("h1", "10.42.0.0/26"),
+        ("live", "10.42.0.64/26"),
+        ("gone", "10.42.0.128/26"),
+        ("gone", "10.42.0.192/26"),
+    ] {
+        cluster
+            .create_json(
+                &keys::block(pool, pool_of(block)),
+                &BlockRecord { host: owner.into() },
+            )
+            .await
+            .unwrap();
+    }
+    let rec = PoolRecord {
+        pool,
+        sub_pool: None,
+        block_prefix: 26,
+        automatic: false,
+        gateway: None,
+        refs: BTreeMap::from([("h1".into(), 1), ("gone".into(), 2)]),
+        aux: BTreeMap::from([(
+            "10.42.0.9".parse().unwrap(),
+            BTreeSet::from(["gone".to_string()]),
+        )]),
+    };
+    cluster.create_json(&keys::pool(pool), &rec).await.unwrap();
+    cluster
+        .create_json(
+            &keys::overlay(pool),
+            &crate::schema::OverlayRecord {
+                name: None,
+                hosts: BTreeSet::from(["h1".into(), "gone".into()]),
+            },
+        )
+        .await
+        .unwrap();
+    // "live" is registered (its seen/ lease holds); "gone" has no seen/ record left.
+    cluster
+        .create_json(
+            &keys::seen("live"),
+            &crate::schema::SeenRecord { last_seen: 0 },
+        )
+        .await
+        .unwrap();
+    pool
+}
+
+fn reclaimer(
+    cluster: &Arc<EmbeddedStore>,
+    grace_secs: u64,
+) -> (Blocks, Arc<crate::cluster::Tenure>) {
+    let tenure = Arc::new(crate::cluster::Tenure::clustered());
+    let blocks = Blocks::new(
+        cluster.clone(),
+        Arc::new(EmbeddedStore::in_memory()),
+        "h1".into(),
+        tenure.clone(),
+        std::time::Duration::from_secs(grace_secs),
+    );
+    (blocks, tenure)
+}
+
+#[tokio::test]
+async fn a_host_whose_seen_lease_expired_is_forgotten_but_never_a_live_one_or_oneself() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let pool = seed_gone_host(&cluster).await;
+    let (blocks, tenure) = reclaimer(&cluster, 0);
+    tenure.registered();
+    // h1 itself has neither a live hosts/ record nor a seen/ record here: its own
+    // blocks must stay all the same.
+    assert_eq!(blocks.reclaim(&[]).await.unwrap(), 2);
+    let owners: Vec<String> = blocks
+        .all()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, o)| o)
+        .collect();
+    assert_eq!(owners, ["h1", "live"]);
+    let p = cluster
+        .get_json::<PoolRecord>(&keys::pool(pool))
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(p.refs.keys().collect::<Vec<_>>(), ["h1"]);
+    assert!(p.aux.is_empty(), "the gone host's aux reservation went");
+    let o = cluster
+        .get_json::<crate::schema::OverlayRecord>(&keys::overlay(pool))
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(o.hosts, BTreeSet::from(["h1".to_string()]));
+}
+
+#[tokio::test]
+async fn nothing_is_reclaimed_until_this_host_has_been_registered_for_the_grace_period() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    seed_gone_host(&cluster).await;
+    let (blocks, tenure) = reclaimer(&cluster, 600);
+    assert_eq!(blocks.reclaim(&[]).await.unwrap(), 0, "not registered");
+    tenure.registered();
+    assert_eq!(
+        blocks.reclaim(&[]).await.unwrap(),
+        0,
+        "registered, but not for the grace period: its view may be stale (the whole cluster was cut off)"
+    );
+    assert_eq!(blocks.all().await.unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn addresses_no_endpoint_used_past_the_grace_are_collected() {
+    let h = one_host();
+    let id = pool_id(&h, "10.42.0.0/24", "").await;
+    attach_network(&h, "10.42.0.0/24").await;
+    let kept = h.ipam.request_address(&id, "", &none()).await.unwrap().ip();
+    let lost = h.ipam.request_address(&id, "", &none()).await.unwrap().ip();
+    let pool = pool_of("10.42.0.0/24");
+    let in_use = BTreeSet::from([(pool, kept)]);
+    let grace = std::time::Duration::from_secs(60);
+    assert_eq!(
+        h.ipam
+            .collect_unused_addresses(&in_use, grace)
+            .await
+            .unwrap(),
+        0,
+        "young"
+    );
+    // Handed out two minutes ago; its endpoint never came.
+    h.local
+        .modify_json::<AddressRecord, IpamError, _>(&keys::address(pool, lost), |r| {
+            Ok(r.map(|mut r| {
+                r.since -= 120;
+                r
+            }))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        h.ipam
+            .collect_unused_addresses(&in_use, grace)
+            .await
+            .unwrap(),
+        1
+    );
+    let again = h
+        .ipam
+        .request_address(&id, &lost.to_string(), &none())
+        .await
+        .expect("the collected address is free again");
+    assert_eq!(again.ip(), lost);
+}
