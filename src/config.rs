@@ -169,9 +169,11 @@ pub struct ClusterConfig {
     #[arg(long, env = "WEFT_WG_PORT", default_value_t = 51820)]
     pub wg_port: u16,
 
-    /// Persistent keepalive (seconds) other hosts use towards this one (for hosts behind NAT).
-    #[arg(long, env = "WEFT_WG_KEEPALIVE")]
-    pub wg_keepalive: Option<u16>,
+    /// Persistent keepalive (seconds) other hosts use towards this one: keeps NAT
+    /// mappings open and tells this host that they are alive when their etcd lease
+    /// expired (0: off; then a host leaves the data plane with its lease).
+    #[arg(long, env = "WEFT_WG_KEEPALIVE", default_value_t = 5, value_parser = clap::value_parser!(u16).range(0..=300))]
+    pub wg_keepalive: u16,
 
     /// Seconds a host may be gone before other hosts reclaim its address blocks.
     #[arg(long, env = "WEFT_BLOCK_GRACE", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
@@ -185,6 +187,17 @@ pub struct ClusterConfig {
 impl ClusterConfig {
     pub fn enabled(&self) -> bool {
         !self.etcd_endpoints.is_empty()
+    }
+
+    pub fn keepalive(&self) -> Option<u16> {
+        (self.wg_keepalive > 0).then_some(self.wg_keepalive)
+    }
+
+    /// How long a host whose lease expired stays while its traffic still arrives:
+    /// two keepalives it sends this host, plus a second.
+    pub fn liveness_window(&self) -> Option<Duration> {
+        self.keepalive()
+            .map(|k| Duration::from_secs(2 * u64::from(k) + 1))
     }
 
     pub fn etcd(&self) -> crate::store::etcd::EtcdConfig {

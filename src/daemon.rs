@@ -131,7 +131,7 @@ async fn connect_cluster(
         id: host.to_string(),
         public_key: wg.public_key(),
         endpoint: std::net::SocketAddr::new(address.into(), cluster.wg_port),
-        keepalive: cluster.wg_keepalive,
+        keepalive: cluster.keepalive(),
     };
     info!(endpoint = %record.endpoint, wireguard = wg.backend_name(), "joining the mesh");
     Ok(Cluster {

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, WatchOptions};
 use ipnetwork::Ipv4Network;
@@ -66,6 +66,18 @@ pub struct Mesh {
     tenure: Arc<Tenure>,
     host: String,
     wake: Notify,
+    /// How long a host whose lease expired stays in the data plane while its
+    /// WireGuard traffic still arrives (None: hosts leave with their lease).
+    liveness: Option<Duration>,
+    /// What this host last saw of every other host: its record, and the bytes
+    /// received from it with when that count last grew.
+    heard: std::sync::Mutex<BTreeMap<String, Heard>>,
+}
+
+struct Heard {
+    record: HostRecord,
+    rx_bytes: u64,
+    grew: Instant,
 }
 
 impl Mesh {
@@ -84,7 +96,74 @@ impl Mesh {
             blocks,
             tenure,
             wake: Notify::new(),
+            liveness: None,
+            heard: std::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Keeps a host whose lease expired while traffic from it still arrives within
+    /// `window` (2 × the keepalive other hosts send to this one, + 1 s): a host cut off
+    /// from etcd alone is not cut off from the data plane.
+    pub fn with_liveness(mut self, window: Option<Duration>) -> Self {
+        self.liveness = window;
+        self
+    }
+
+    /// The live hosts, plus hosts whose lease expired but whose WireGuard traffic
+    /// grew within the liveness window. Also returns when the next such host will
+    /// go stale (a pass must run then).
+    fn still_heard(
+        &self,
+        live: Vec<HostRecord>,
+        peers: &[crate::tunnel::PeerStatus],
+    ) -> (Vec<HostRecord>, Option<Instant>) {
+        let now = Instant::now();
+        let rx_of = |key: &str| {
+            peers
+                .iter()
+                .find(|p| p.public_key == key)
+                .map(|p| p.rx_bytes)
+        };
+        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        for h in &live {
+            let rx = rx_of(&h.public_key).unwrap_or(0);
+            let entry = heard.entry(h.id.clone()).or_insert(Heard {
+                record: h.clone(),
+                rx_bytes: rx,
+                grew: now,
+            });
+            if rx != entry.rx_bytes || entry.record != *h {
+                entry.grew = now;
+            }
+            entry.rx_bytes = rx;
+            entry.record = h.clone();
+        }
+        let mut hosts = live;
+        let mut next_stale = None;
+        let window = self.liveness.unwrap_or(Duration::ZERO);
+        heard.retain(|id, entry| {
+            if hosts.iter().any(|h| &h.id == id) {
+                return true;
+            }
+            match rx_of(&entry.record.public_key) {
+                Some(rx) if rx > entry.rx_bytes => {
+                    entry.rx_bytes = rx;
+                    entry.grew = now;
+                }
+                Some(_) => {}
+                None => return false,
+            }
+            let stale_at = entry.grew + window;
+            if now >= stale_at {
+                info!(host = %id, "host gone: lease expired and no traffic from it within the liveness window");
+                return false;
+            }
+            debug!(host = %id, "lease expired but still heard over WireGuard; keeping its peer");
+            next_stale = Some(next_stale.map_or(stale_at, |t: Instant| t.min(stale_at)));
+            hosts.push(entry.record.clone());
+            true
+        });
+        (hosts, next_stale)
     }
 
     pub fn tunnel(&self) -> &Arc<dyn Tunnel> {
@@ -113,7 +192,18 @@ impl Mesh {
     }
 
     pub async fn reconcile(&self) -> Result<PeerDiff, MeshError> {
-        let hosts = self.hosts().await?;
+        self.pass().await.map(|(diff, _)| diff)
+    }
+
+    /// One pass; also returns when the next pass must run at the latest (a host kept
+    /// for its traffic goes stale then).
+    async fn pass(&self) -> Result<(PeerDiff, Option<Instant>), MeshError> {
+        let live = self.hosts().await?;
+        let status = self.tunnel.peers().await.unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the tunnel's peers");
+            Vec::new()
+        });
+        let (hosts, next_stale) = self.still_heard(live, &status);
         // Ownership first: the blocks this host uses must still be its own.
         if let Err(e) = self.blocks.verify().await {
             warn!(error = %e, "block verification incomplete");
@@ -135,7 +225,7 @@ impl Mesh {
                 "mesh updated"
             );
         }
-        Ok(diff)
+        Ok((diff, next_stale))
     }
 
     /// Asks for a pass now (e.g. after this host claimed a block).
@@ -146,13 +236,19 @@ impl Mesh {
     /// Reconciles on every wake-up, and at least every `every`.
     pub async fn run(self: Arc<Self>, every: Duration) {
         loop {
-            if let Err(e) = self.reconcile().await {
-                warn!(error = %e, "mesh reconcile incomplete");
+            let mut wait = every;
+            match self.pass().await {
+                Ok((_, Some(stale_at))) => {
+                    let until = stale_at.saturating_duration_since(Instant::now());
+                    wait = wait.min(until + Duration::from_millis(10));
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "mesh reconcile incomplete"),
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = self.tenure.registered_now.notified() => {}
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             // Coalesce a burst of changes into one pass.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -287,5 +383,80 @@ mod tests {
             dp.with(|s| s.tunnel_routes.is_empty()),
             "routes to a departed host go with it"
         );
+    }
+
+    #[tokio::test]
+    async fn a_host_whose_lease_expired_stays_while_its_traffic_arrives() {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let tunnel = Arc::new(FakeTunnel::default());
+        let dp = Arc::new(FakeDatapath::new());
+        let tenure = Arc::new(Tenure::clustered());
+        let blocks = Arc::new(Blocks::new(
+            store.clone(),
+            Arc::new(EmbeddedStore::in_memory()),
+            "a".into(),
+            tenure.clone(),
+            Duration::from_secs(600),
+        ));
+        let mesh = Mesh::new(store.clone(), tunnel.clone(), dp.clone(), blocks, tenure)
+            .with_liveness(Some(Duration::from_millis(300)));
+        for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
+            store.create_json(&keys::host(&h.id), &h).await.unwrap();
+        }
+        let pool = "10.42.0.0/16".parse().unwrap();
+        let block = "10.42.0.64/26".parse().unwrap();
+        store
+            .create_json(&keys::block(pool, block), &BlockRecord { host: "b".into() })
+            .await
+            .unwrap();
+        let heard_from_b = |bytes: u64| {
+            for p in tunnel.peers.lock().unwrap().iter_mut() {
+                p.rx_bytes = bytes;
+            }
+        };
+        mesh.reconcile().await.unwrap();
+        heard_from_b(100);
+        mesh.reconcile().await.unwrap();
+        // b's lease expires (say, b lost etcd), but its keepalives keep coming.
+        store.delete(&keys::host("b"), None).await.unwrap();
+        for bytes in [200, 300, 400] {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            heard_from_b(bytes);
+            mesh.reconcile().await.unwrap();
+            assert_eq!(tunnel.peers.lock().unwrap().len(), 1, "b is still heard");
+            assert_eq!(dp.with(|s| s.tunnel_routes.clone()), vec![block]);
+        }
+        // Then b falls silent: it leaves once the window has passed.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(mesh.reconcile().await.unwrap().removed, 1);
+        assert!(dp.with(|s| s.tunnel_routes.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn without_liveness_a_host_leaves_with_its_lease() {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let tunnel = Arc::new(FakeTunnel::default());
+        let tenure = Arc::new(Tenure::clustered());
+        let blocks = Arc::new(Blocks::new(
+            store.clone(),
+            Arc::new(EmbeddedStore::in_memory()),
+            "a".into(),
+            tenure.clone(),
+            Duration::from_secs(600),
+        ));
+        let mesh = Mesh::new(
+            store.clone(),
+            tunnel.clone(),
+            Arc::new(FakeDatapath::new()),
+            blocks,
+            tenure,
+        );
+        for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
+            store.create_json(&keys::host(&h.id), &h).await.unwrap();
+        }
+        mesh.reconcile().await.unwrap();
+        tunnel.peers.lock().unwrap()[0].rx_bytes = 10;
+        store.delete(&keys::host("b"), None).await.unwrap();
+        assert_eq!(mesh.reconcile().await.unwrap().removed, 1);
     }
 }

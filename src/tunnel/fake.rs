@@ -28,17 +28,28 @@ impl Tunnel for FakeTunnel {
     async fn apply_peers(&self, peers: &[Peer]) -> Result<PeerDiff, TunnelError> {
         let mut current = self.peers.lock().unwrap();
         let (_, _, stats) = diff(peers, &current);
-        *current = peers
+        // A kept peer keeps its counters, as on a real device.
+        let counters = |key: &str| {
+            current
+                .iter()
+                .find(|c| c.public_key == key)
+                .map_or((None, 0, 0), |c| (c.last_handshake, c.rx_bytes, c.tx_bytes))
+        };
+        let next = peers
             .iter()
-            .map(|p| PeerStatus {
-                public_key: p.public_key.clone(),
-                endpoint: Some(p.endpoint),
-                allowed_ips: p.allowed_ips.clone(),
-                last_handshake: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
+            .map(|p| {
+                let (last_handshake, rx_bytes, tx_bytes) = counters(&p.public_key);
+                PeerStatus {
+                    public_key: p.public_key.clone(),
+                    endpoint: Some(p.endpoint),
+                    allowed_ips: p.allowed_ips.clone(),
+                    last_handshake,
+                    rx_bytes,
+                    tx_bytes,
+                }
             })
             .collect();
+        *current = next;
         Ok(stats)
     }
 
