@@ -18,7 +18,7 @@ packages=(
   # testing: dockerd and what it runs, etcd, the test image, probes, the registry
   # for the managed-plugin install path, and the fresh-machine check
   docker.io containerd runc etcd-server etcd-client busybox-static tcpdump curl
-  python3 util-linux iperf3 docker-registry mmdebstrap
+  python3 jq util-linux iperf3 docker-registry mmdebstrap
 )
 
 if [ "${1:-}" = --list ]; then printf '%s\n' "${packages[@]}"; exit 0; fi

@@ -5,7 +5,7 @@
 #   build and unit tests in a minimal Debian 12 root) -> datapath tests as root in a throwaway
 #   network namespace -> the etcd store against a real etcd -> end-to-end against a
 #   real dockerd 20.10 and 26.1 on one host, and across three hosts with etcd and
-#   WireGuard, and as a managed plugin, each in namespaces of its own (never the
+#   WireGuard, under faults (tests/e2e/faults.sh), and as a managed plugin, each in namespaces of its own (never the
 #   machine's Docker or default namespace) -> the host-service installer.
 # Set WEFT_SKIP_DOCKER26=1 to test against dockerd 20.10 only.
 set -euo pipefail
@@ -42,6 +42,9 @@ DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/single_host.sh
 
 step "end to end across hosts (etcd, WireGuard), dockerd 20.10"
 DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/multi_host.sh
+
+step "faults across hosts (stale endpoints, leaks, partitions from etcd), dockerd 20.10"
+DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/faults.sh
 
 step "managed plugin (bundle, create/enable, disable refusal, dockerd restart, two hosts with etcd, install from a registry)"
 DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/plugin.sh

@@ -215,7 +215,10 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 Ok(v) => warn!(?v, "block ownership verified with findings"),
                 Err(e) => warn!(error = %e, "could not verify block ownership"),
             }
-            let mesh = Arc::new(Mesh::new(c.store, c.tunnel, datapath, blocks, tenure));
+            let mesh = Arc::new(
+                Mesh::new(c.store, c.tunnel, datapath, blocks, tenure)
+                    .with_liveness(config.cluster.liveness_window()),
+            );
             tokio::spawn(
                 mesh.clone()
                     .run(Duration::from_secs(config.cluster.mesh_interval)),

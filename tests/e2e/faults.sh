@@ -344,11 +344,11 @@ test_a_gone_host_leaves_no_refs_or_memberships() {
     # Every place h3's id is still recorded: blocks (owner), pools (refs), overlays (hosts).
     {
       etcdctl_lab get --prefix /weft/v1/blocks/ | paste - - |
-        while IFS=$'\t' read -r k v; do [ "$(jq -r .host <<<"$v")" != "$id3" ] || echo "block ${k#/weft/v1/blocks/}"; done
+        while IFS=$'\t' read -r k v; do if [ "$(jq -r .host <<<"$v")" = "$id3" ]; then echo "block ${k#/weft/v1/blocks/}"; fi; done
       etcdctl_lab get --prefix /weft/v1/pools/ | paste - - |
-        while IFS=$'\t' read -r k v; do jq -e --arg id "$id3" '.refs | has($id)' <<<"$v" >/dev/null && echo "refs of ${k##*/}: $(jq -c .refs <<<"$v")"; done
+        while IFS=$'\t' read -r k v; do if jq -e --arg id "$id3" '.refs | has($id)' <<<"$v" >/dev/null; then echo "refs of ${k##*/}: $(jq -c .refs <<<"$v")"; fi; done
       etcdctl_lab get --prefix /weft/v1/overlays/ | paste - - |
-        while IFS=$'\t' read -r k v; do jq -e --arg id "$id3" '.hosts | index($id)' <<<"$v" >/dev/null && echo "hosts of ${k##*/}: $(jq -c .hosts <<<"$v")"; done
+        while IFS=$'\t' read -r k v; do if jq -e --arg id "$id3" '.hosts | index($id)' <<<"$v" >/dev/null; then echo "hosts of ${k##*/}: $(jq -c .hosts <<<"$v")"; fi; done
     } | sort
   }
   local before
