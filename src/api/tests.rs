@@ -588,3 +588,34 @@ mod fuzz {
         }
     }
 }
+
+/// dockerd may hang up mid-request (it restarts, or its client times out): the work
+/// of the request must still run to completion, not stop between two steps.
+#[tokio::test]
+async fn a_request_completes_even_when_dockerd_hangs_up() {
+    let h = harness();
+    let net = "5f3c000000000000000000000000000000000000000000000000000000000001";
+    let ep = "9ab1c2d3e4f5000000000000000000000000000000000000000000000000000a";
+    ok(
+        &h.app,
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": net, "Options": {}, "IPv4Data": [{"AddressSpace": "weft-local", "Pool": "10.42.0.0/16", "Gateway": "10.42.0.1/16"}], "IPv6Data": []}),
+    )
+    .await;
+    h.fake
+        .with(|s| s.setup_delay = Some(std::time::Duration::from_millis(200)));
+    let body = json!({"NetworkID": net, "EndpointID": ep, "Interface": {"Address": "10.42.0.5/16", "AddressIPv6": "", "MacAddress": ""}, "Options": {}});
+    let hung_up = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        call(&h.app, "NetworkDriver.CreateEndpoint", &body.to_string()),
+    )
+    .await;
+    assert!(hung_up.is_err(), "the client gave up before the answer");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(
+        h.fake.links().contains("wfh9ab1c2d3e4f5"),
+        "the endpoint's pair was created after the hang-up"
+    );
+    let synced = h.fake.with(|s| s.synced.endpoints.len());
+    assert_eq!(synced, 1, "and its route and firewall element");
+}

@@ -21,6 +21,8 @@ pub struct FakeState {
     pub setups: usize,
     pub resyncs: usize,
     pub tunnel_routes: Vec<Ipv4Network>,
+    /// Makes every `setup_endpoint` take this long (a slow kernel).
+    pub setup_delay: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +65,9 @@ impl Datapath for FakeDatapath {
     }
 
     async fn setup_endpoint(&self, ep: &EndpointSpec) -> Result<(), DatapathError> {
+        if let Some(delay) = self.with(|s| s.setup_delay) {
+            tokio::time::sleep(delay).await;
+        }
         self.with(|s| {
             if s.fail_setup {
                 return Err(DatapathError::PermissionDenied {
