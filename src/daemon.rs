@@ -28,6 +28,46 @@ use crate::tunnel::wireguard::{WireGuard, WireGuardConfig};
 use crate::tunnel::Tunnel;
 
 pub const HOST_ID_FILE: &str = "host-id";
+pub const LOCK_FILE: &str = "lock";
+
+/// Takes the state directory for this process alone, before weft touches etcd or the
+/// kernel: two daemons on one state dir (say, the managed plugin and the systemd
+/// unit) would fight over the host's registration and delete each other's links.
+/// The lock (flock) goes with the process; the file keeps the holder's PID.
+pub fn lock_state_dir(state_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = state_dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)?;
+            file.rewind()?;
+            write!(file, "{}", std::process::id())?;
+            file.flush()?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            bail!(
+                "another weft daemon (pid {}, as its PID namespace sees it) holds {}; \
+                 only one may run per state directory (is weft installed both as a managed \
+                 plugin and as a service?)",
+                holder.trim(),
+                path.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
 
 /// This host's id: generated once, kept in the state directory.
 pub fn host_id(state_dir: &Path) -> anyhow::Result<String> {
@@ -145,6 +185,7 @@ async fn connect_cluster(
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    let _lock = lock_state_dir(&config.state_dir)?;
     let host = host_id(&config.state_dir)?;
     let local: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&config.state_dir).context("opening the embedded store")?);
@@ -292,4 +333,22 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     served.context("serving the plugin API")?;
     info!("weft stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_daemon_on_the_same_state_dir_is_refused_naming_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_state_dir(dir.path()).unwrap();
+        let err = lock_state_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())) && err.contains("only one"),
+            "{err}"
+        );
+        drop(first);
+        lock_state_dir(dir.path()).expect("free again once the first is gone");
+    }
 }

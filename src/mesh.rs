@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::cluster::{HostRecord, Tenure};
 use crate::datapath::{Datapath, DatapathError};
 use crate::ipam::Blocks;
-use crate::store::{keys, Store, StoreError, StoreExt};
+use crate::store::{keys, Store, StoreError};
 use crate::tunnel::{Peer, PeerDiff, Tunnel, TunnelError};
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +72,8 @@ pub struct Mesh {
     /// What this host last saw of every other host: its record, and the bytes
     /// received from it with when that count last grew.
     heard: std::sync::Mutex<BTreeMap<String, Heard>>,
+    /// Records the last pass skipped as bad ("key: why"), for `weft status`.
+    skipped: std::sync::Mutex<Vec<String>>,
 }
 
 struct Heard {
@@ -98,7 +100,13 @@ impl Mesh {
             wake: Notify::new(),
             liveness: None,
             heard: std::sync::Mutex::new(BTreeMap::new()),
+            skipped: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records the last pass skipped because they were bad.
+    pub fn skipped(&self) -> Vec<String> {
+        self.skipped.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Keeps a host whose lease expired while traffic from it still arrives within
@@ -170,25 +178,26 @@ impl Mesh {
         &self.tunnel
     }
 
-    pub async fn hosts(&self) -> Result<Vec<HostRecord>, MeshError> {
-        Ok(self
-            .cluster
-            .list_json::<HostRecord>(keys::HOSTS)
-            .await?
-            .into_iter()
-            .map(|(_, r)| r.value)
-            .collect())
+    /// The live hosts; records that do not decode (or whose key and id disagree) are
+    /// skipped with a warning and returned apart.
+    pub async fn hosts_checked(&self) -> Result<(Vec<HostRecord>, Vec<String>), MeshError> {
+        let mut good = Vec::new();
+        let mut skipped = Vec::new();
+        for (key, v) in self.cluster.list(keys::HOSTS).await? {
+            let decoded = serde_json::from_slice::<HostRecord>(&v.value).ok();
+            match (crate::schema::Key::parse(&key), decoded) {
+                (Ok(crate::schema::Key::Host(id)), Some(h)) if h.id == id => good.push(h),
+                _ => {
+                    warn!(%key, "skipping a host record that does not decode");
+                    skipped.push(format!("{key}: does not decode"));
+                }
+            }
+        }
+        Ok((good, skipped))
     }
 
-    /// Every block in the cluster with its owner.
-    pub async fn blocks(&self) -> Result<Vec<(Ipv4Network, String)>, MeshError> {
-        Ok(self
-            .blocks
-            .all()
-            .await?
-            .into_iter()
-            .map(|(_, block, owner)| (block, owner))
-            .collect())
+    pub async fn hosts(&self) -> Result<Vec<HostRecord>, MeshError> {
+        Ok(self.hosts_checked().await?.0)
     }
 
     pub async fn reconcile(&self) -> Result<PeerDiff, MeshError> {
@@ -198,11 +207,17 @@ impl Mesh {
     /// One pass; also returns when the next pass must run at the latest (a host kept
     /// for its traffic goes stale then).
     async fn pass(&self) -> Result<(PeerDiff, Option<Instant>), MeshError> {
-        let live = self.hosts().await?;
-        let status = self.tunnel.peers().await.unwrap_or_else(|e| {
-            warn!(error = %e, "cannot read the tunnel's peers");
-            Vec::new()
-        });
+        let (live, mut skipped) = self.hosts_checked().await?;
+        // The device is ensured on every pass: a userspace WireGuard that died, or a
+        // deleted interface, is set up again (and gets its peers below).
+        let status = match self.tunnel.peers().await {
+            Ok(status) => status,
+            Err(e) => {
+                warn!(error = %e, "WireGuard device unreadable; setting it up again");
+                self.tunnel.ensure_device().await?;
+                self.tunnel.peers().await?
+            }
+        };
         let (hosts, next_stale) = self.still_heard(live, &status);
         // Ownership first: the blocks this host uses must still be its own.
         if let Err(e) = self.blocks.verify().await {
@@ -211,7 +226,11 @@ impl Mesh {
         if let Err(e) = self.blocks.reclaim(&hosts).await {
             warn!(error = %e, "block reclaim skipped");
         }
-        let blocks = self.blocks().await?;
+        let (blocks, bad_blocks) = self.blocks.all_checked().await?;
+        skipped.extend(bad_blocks);
+        *self.skipped.lock().unwrap_or_else(|p| p.into_inner()) = skipped;
+        let blocks: Vec<(Ipv4Network, String)> =
+            blocks.into_iter().map(|(_, b, owner)| (b, owner)).collect();
         let (peers, routes) = desired_peers(&self.host, &hosts, &blocks);
         let diff = self.tunnel.apply_peers(&peers).await?;
         self.datapath
@@ -297,9 +316,24 @@ impl Mesh {
 mod tests {
     use super::*;
     use crate::datapath::fake::FakeDatapath;
-    use crate::schema::BlockRecord;
+    use crate::schema::{BlockRecord, PoolRecord};
+    use crate::store::StoreExt;
     use crate::store::embedded::EmbeddedStore;
     use crate::tunnel::fake::FakeTunnel;
+
+    /// A pool record for `pool` with /26 blocks, so that its blocks are valid.
+    async fn seed_pool(store: &EmbeddedStore, pool: Ipv4Network) {
+        let rec = PoolRecord {
+            pool,
+            sub_pool: None,
+            block_prefix: 26,
+            automatic: false,
+            gateway: None,
+            refs: BTreeMap::new(),
+            aux: BTreeMap::new(),
+        };
+        store.create_json(&keys::pool(pool), &rec).await.unwrap();
+    }
 
     fn host(id: &str, ip: &str) -> HostRecord {
         HostRecord {
@@ -364,6 +398,7 @@ mod tests {
         }
         let pool = "10.42.0.0/16".parse().unwrap();
         let block = "10.42.0.64/26".parse().unwrap();
+        seed_pool(&store, pool).await;
         store
             .create_json(&keys::block(pool, block), &BlockRecord { host: "b".into() })
             .await
@@ -405,6 +440,7 @@ mod tests {
         }
         let pool = "10.42.0.0/16".parse().unwrap();
         let block = "10.42.0.64/26".parse().unwrap();
+        seed_pool(&store, pool).await;
         store
             .create_json(&keys::block(pool, block), &BlockRecord { host: "b".into() })
             .await
@@ -458,5 +494,76 @@ mod tests {
         tunnel.peers.lock().unwrap()[0].rx_bytes = 10;
         store.delete(&keys::host("b"), None).await.unwrap();
         assert_eq!(mesh.reconcile().await.unwrap().removed, 1);
+    }
+
+    fn mesh_of(store: &Arc<EmbeddedStore>, tunnel: &Arc<FakeTunnel>) -> (Mesh, Arc<FakeDatapath>) {
+        let dp = Arc::new(FakeDatapath::new());
+        let tenure = Arc::new(Tenure::clustered());
+        let blocks = Arc::new(Blocks::new(
+            store.clone(),
+            Arc::new(EmbeddedStore::in_memory()),
+            "a".into(),
+            tenure.clone(),
+            Duration::from_secs(600),
+        ));
+        let mesh = Mesh::new(store.clone(), tunnel.clone(), dp.clone(), blocks, tenure);
+        (mesh, dp)
+    }
+
+    #[tokio::test]
+    async fn a_vanished_device_is_set_up_again_with_its_peers() {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let tunnel = Arc::new(FakeTunnel::default());
+        let (mesh, _) = mesh_of(&store, &tunnel);
+        for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
+            store.create_json(&keys::host(&h.id), &h).await.unwrap();
+        }
+        mesh.reconcile().await.unwrap();
+        assert_eq!(tunnel.peers.lock().unwrap().len(), 1);
+        // The userspace process died: the device and its peers are gone.
+        tunnel.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+        let diff = mesh.reconcile().await.expect("the pass heals the device");
+        assert_eq!(diff.added, 1);
+        assert_eq!(tunnel.peers.lock().unwrap().len(), 1);
+        assert_eq!(tunnel.ensured.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn bad_records_are_skipped_and_reported_and_the_rest_converges() {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let tunnel = Arc::new(FakeTunnel::default());
+        let (mesh, dp) = mesh_of(&store, &tunnel);
+        for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
+            store.create_json(&keys::host(&h.id), &h).await.unwrap();
+        }
+        let pool: Ipv4Network = "10.42.0.0/16".parse().unwrap();
+        seed_pool(&store, pool).await;
+        let good: Ipv4Network = "10.42.0.64/26".parse().unwrap();
+        store
+            .create_json(&keys::block(pool, good), &BlockRecord { host: "b".into() })
+            .await
+            .unwrap();
+        // A host record that does not parse, a forged /16 in no pool, a block of the
+        // wrong size, a block value that does not parse, and a key that does not decode.
+        store.create("hosts/c", b"{not json".to_vec()).await.unwrap();
+        for (key, value) in [
+            ("blocks/10.99.0.0_16/10.99.0.0_16", &br#"{"host":"b"}"#[..]),
+            ("blocks/10.42.0.0_16/10.42.1.0_24", &br#"{"host":"b"}"#[..]),
+            ("blocks/10.42.0.0_16/10.42.2.0_26", &b"[]"[..]),
+            ("blocks/garbage", &br#"{"host":"b"}"#[..]),
+        ] {
+            store.create(key, value.to_vec()).await.unwrap();
+        }
+        mesh.reconcile().await.expect("one bad record never stops a pass");
+        assert_eq!(tunnel.peers.lock().unwrap().len(), 1, "b is still a peer");
+        assert_eq!(
+            dp.with(|s| s.tunnel_routes.clone()),
+            vec![good],
+            "only the valid block is routed"
+        );
+        let skipped = mesh.skipped();
+        assert_eq!(skipped.len(), 5, "{skipped:?}");
+        assert!(skipped.iter().any(|s| s.starts_with("hosts/c")));
+        assert!(skipped.iter().any(|s| s.contains("10.99.0.0_16")));
     }
 }

@@ -28,6 +28,9 @@ pub struct Status {
     /// address comes from them here until the conflict is resolved.
     #[serde(default)]
     pub conflicts: Vec<BlockConflict>,
+    /// Cluster records the mesh skipped because they are bad ("key: why").
+    #[serde(default)]
+    pub skipped_records: Vec<String>,
     /// Why part of the view is missing (e.g. etcd unreachable), if it is.
     pub errors: Vec<String>,
 }
@@ -153,6 +156,7 @@ impl StatusSource {
             networks,
             endpoints,
             conflicts: self.blocks.conflicts(),
+            skipped_records: self.mesh.as_ref().map(|m| m.skipped()).unwrap_or_default(),
             errors,
         })
     }
@@ -235,6 +239,9 @@ pub fn render(s: &Status) -> String {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+    }
+    for r in &s.skipped_records {
+        let _ = writeln!(out, "\nskipped a bad record: {r}");
     }
     for e in &s.errors {
         let _ = writeln!(out, "\nwarning: {e}");

@@ -90,22 +90,43 @@ impl Blocks {
         Ok(out)
     }
 
-    /// Every block in the cluster as (pool, block, owner); undecodable records are
-    /// skipped with a warning.
-    pub async fn all(&self) -> Result<Vec<(Ipv4Network, Ipv4Network, String)>, StoreError> {
-        Ok(self
+    /// Every block in the cluster as (pool, block, owner). Records that do not decode,
+    /// or name a block that is not one of an existing pool's blocks (outside it, or not
+    /// of its block size), are skipped with a warning and returned apart, so that one
+    /// bad record never stops a pass nor gets a forged range routed.
+    pub async fn all_checked(
+        &self,
+    ) -> Result<(Vec<(Ipv4Network, Ipv4Network, String)>, Vec<String>), StoreError> {
+        let pools: BTreeMap<Ipv4Network, PoolRecord> = self
             .cluster
-            .list(keys::BLOCKS)
+            .list(keys::POOLS)
             .await?
             .into_iter()
-            .filter_map(|(key, v)| {
-                let decoded = decode_block(&key, &v.value);
-                if decoded.is_none() {
-                    warn!(%key, "skipping a block record that does not decode");
+            .filter_map(|(_, v)| serde_json::from_slice::<PoolRecord>(&v.value).ok())
+            .map(|p| (p.pool, p))
+            .collect();
+        let mut good = Vec::new();
+        let mut skipped = Vec::new();
+        for (key, v) in self.cluster.list(keys::BLOCKS).await? {
+            let why = match decode_block(&key, &v.value) {
+                None => "does not decode",
+                Some((pool, block, _)) if !pools.get(&pool).is_some_and(|p| p.has_block(block)) => {
+                    "is not a block of any pool"
                 }
-                decoded
-            })
-            .collect())
+                Some(found) => {
+                    good.push(found);
+                    continue;
+                }
+            };
+            warn!(%key, why, "skipping a bad block record");
+            skipped.push(format!("{key}: {why}"));
+        }
+        Ok((good, skipped))
+    }
+
+    /// [`Blocks::all_checked`] without the skipped records.
+    pub async fn all(&self) -> Result<Vec<(Ipv4Network, Ipv4Network, String)>, StoreError> {
+        Ok(self.all_checked().await?.0)
     }
 
     /// Whether addresses may come from `block` without asking the cluster store.

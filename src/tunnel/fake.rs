@@ -9,6 +9,10 @@ use super::{diff, Peer, PeerDiff, PeerStatus, Tunnel, TunnelError};
 #[derive(Debug, Default)]
 pub struct FakeTunnel {
     pub peers: Mutex<Vec<PeerStatus>>,
+    /// The device is gone (the userspace process died, or the link was deleted):
+    /// reads fail until `ensure_device` runs.
+    pub gone: std::sync::atomic::AtomicBool,
+    pub ensured: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait]
@@ -22,10 +26,18 @@ impl Tunnel for FakeTunnel {
     }
 
     async fn ensure_device(&self) -> Result<(), TunnelError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.gone.swap(false, SeqCst) {
+            self.peers.lock().unwrap().clear();
+        }
+        self.ensured.fetch_add(1, SeqCst);
         Ok(())
     }
 
     async fn apply_peers(&self, peers: &[Peer]) -> Result<PeerDiff, TunnelError> {
+        if self.gone.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(TunnelError::Setup("no such device".into()));
+        }
         let mut current = self.peers.lock().unwrap();
         let (_, _, stats) = diff(peers, &current);
         // A kept peer keeps its counters, as on a real device.
@@ -54,6 +66,9 @@ impl Tunnel for FakeTunnel {
     }
 
     async fn peers(&self) -> Result<Vec<PeerStatus>, TunnelError> {
+        if self.gone.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(TunnelError::Setup("no such device".into()));
+        }
         Ok(self.peers.lock().unwrap().clone())
     }
 }

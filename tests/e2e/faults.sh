@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Faults end to end: what weft leaves behind, or gets wrong, when things break half-way.
 #
-# Covers three scenarios on a lab of simulated hosts (scripts/lib/lab.sh: own netns,
+# Covers the addresses scenarios (stale endpoints, leaks, partitions) and the
+# membership scenarios (one daemon per state dir, the tunnel heals, bad records, a
+# partition from etcd is no data-plane outage) on a lab of simulated hosts (scripts/lib/lab.sh: own netns,
 # mount ns, dockerd and weft each, one etcd at 192.0.2.1:2379 in a "wan" namespace):
 #   * stale endpoints: an endpoint that was created but never joined (weft killed
 #     between CreateEndpoint and Join) must neither steal the /32 of the container that
@@ -373,6 +375,94 @@ test_a_gone_host_leaves_no_refs_or_memberships() {
     fail "$(( $(date +%s) - started )) s after h3 vanished (grace ${WEFT_BLOCK_GRACE} s, TTL ${WEFT_HOST_TTL} s), etcd still records it: $(echo "$left" | tr '\n' ';')"
 }
 
+# ---- membership and the mesh ----
+
+# two_hosts NET SUBNET: the network on h1 and h2, a container on each ("${NET}1" on h1,
+# "${NET}2" on h2) that reach each other; a trap removes them.
+two_hosts() {
+  local net=$1 subnet=$2 h
+  for h in h1 h2; do D $h network create -d weft --ipam-driver weft --subnet "$subnet" "$net" >/dev/null; done
+  run_bb h1 "${net}1" --network "$net"
+  run_bb h2 "${net}2" --network "$net"
+  retry 50 pings h1 "${net}1" "$(ip_of h2 "${net}2" "$net")"
+}
+drop_two_hosts() {
+  local net=$1 h
+  for h in h1 h2; do
+    D $h rm -f "${net}1" "${net}2" >/dev/null 2>&1
+    D $h network rm "$net" >/dev/null 2>&1
+  done
+  true
+}
+
+# Membership, scenario 1: a second daemon on the same state directory (the managed
+# plugin and the systemd unit both installed) is refused before it touches etcd or
+# the kernel, naming the first; the first stays registered and in the mesh.
+test_a_second_daemon_on_the_same_state_dir_is_refused_and_the_first_stays() {
+  local id out rc=0
+  id=$(host_id h1)
+  out=$(lab_exec h1 timeout 20 "$WEFT_BIN" daemon --state-dir "$(lab_dir h1)/state" \
+    --etcd-endpoints http://192.0.2.1:2379 --host-ttl "$WEFT_HOST_TTL" 2>&1) || rc=$?
+  echo "    second daemon: exit $rc: $(echo "$out" | tail -1 | cut -c1-200)"
+  local errs=()
+  [ "$rc" != 0 ] && [ "$rc" != 124 ] || errs+=("the second daemon did not exit with an error (exit $rc)")
+  echo "$out" | grep -q "holds .*/state/lock" || errs+=("its error does not name the lock and the first daemon")
+  # Past the lease TTL: the first daemon's record must still be there, and h2 must
+  # still have h1 as its peer.
+  sleep $((WEFT_HOST_TTL + 3))
+  [ -n "$(etcdctl_lab get "/weft/v1/hosts/$id" --print-value-only)" ] || errs+=("hosts/$id vanished from etcd")
+  [ "$(weft_status h2 | jq '[.hosts[] | select(.this_host | not)] | length')" = 1 ] || errs+=("h2 lost h1 from its mesh")
+  [ "${#errs[@]}" = 0 ] || fail_all "${errs[@]}"
+}
+
+# Membership, scenario 2: if the userspace WireGuard process dies, the next mesh pass
+# sets the device up again with its peers; cross-host traffic recovers within seconds.
+test_the_tunnel_heals_when_wireguard_dies() {
+  trap 'drop_two_hosts heal' EXIT
+  two_hosts heal 10.70.0.0/24
+  local b pid killed=0 started
+  b=$(ip_of h2 heal2 heal)
+  for pid in $(ip netns pids "$(lab_ns h2)"); do
+    if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = wireguard-go ]; then kill -KILL "$pid"; killed=1; fi
+  done
+  [ "$killed" = 1 ] || fail "no wireguard-go process found on h2"
+  started=$(date +%s)
+  within 15 pings h1 heal1 "$b" || fail "cross-host ping still down 15 s after WireGuard died on h2"
+  echo "    traffic back $(( $(date +%s) - started )) s after the kill"
+  pings h2 heal2 "$(ip_of h1 heal1 heal)" 3
+}
+
+# Membership, scenario 3: one undecodable hosts/ record and a forged blocks/ key (a /16
+# in no pool) neither stop the mesh on any host nor get routed; weft status shows them.
+test_bad_records_do_not_stall_the_cluster() {
+  trap 'etcdctl_lab del /weft/v1/hosts/bogus >/dev/null; etcdctl_lab del /weft/v1/blocks/10.99.0.0_16/10.99.0.0_16 >/dev/null; drop_two_hosts bad' EXIT
+  etcdctl_lab put /weft/v1/hosts/bogus '{not json' >/dev/null
+  etcdctl_lab put /weft/v1/blocks/10.99.0.0_16/10.99.0.0_16 "{\"host\":\"$(host_id h2)\"}" >/dev/null
+  sleep 1
+  # A new network and block after the bad records: both hosts must still converge.
+  two_hosts bad 10.72.0.0/24
+  local errs=()
+  lab_exec h1 ip route show proto 88 | grep -q '^10\.99\.0\.0/16' && errs+=("the forged 10.99.0.0/16 is routed into the tunnel on h1")
+  weft_status h1 | jq -e '.skipped_records | length >= 2' >/dev/null ||
+    errs+=("weft status on h1 does not show the bad records: $(weft_status h1 | jq -c '.skipped_records')")
+  [ "${#errs[@]}" = 0 ] || fail_all "${errs[@]}"
+}
+
+# Membership, scenario 4: while h2 has lost only etcd (its lease expires, its underlay
+# and WireGuard are fine), cross-host traffic to its containers does not stop.
+test_a_partition_from_etcd_is_not_a_data_plane_outage() {
+  trap 'etcd_heal h2; drop_two_hosts calm' EXIT
+  two_hosts calm 10.74.0.0/24
+  local b count out received
+  b=$(ip_of h2 calm2 calm)
+  count=$(( (WEFT_HOST_TTL + WEFT_BLOCK_GRACE + 6) * 2 ))
+  etcd_cut h2
+  out=$(D h1 exec calm1 ping -c "$count" -i 0.5 -W 1 "$b" 2>&1 | tail -2)
+  received=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+  echo "    $count pings over $((count / 2)) s with h2 cut off from etcd: $received received"
+  [ "$received" = "$count" ] || fail "lost $((count - received)) of $count pings while h2 had lost only etcd"
+}
+
 main() {
   [ "$(id -u)" = 0 ] || { echo "faults: needs root"; exit 1; }
   [ -x "$WEFT_BIN" ] || { echo "faults: build $WEFT_BIN first"; exit 1; }
@@ -387,6 +477,10 @@ main() {
     test_an_address_with_no_endpoint_is_collected \
     test_a_partition_longer_than_the_grace_period_never_shares_an_address \
     test_nothing_is_reclaimed_when_the_whole_cluster_returns \
+    test_a_second_daemon_on_the_same_state_dir_is_refused_and_the_first_stays \
+    test_the_tunnel_heals_when_wireguard_dies \
+    test_bad_records_do_not_stall_the_cluster \
+    test_a_partition_from_etcd_is_not_a_data_plane_outage \
     test_a_gone_host_leaves_no_refs_or_memberships; do
     run_test "$t"
   done
