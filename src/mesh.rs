@@ -106,7 +106,10 @@ impl Mesh {
 
     /// Records the last pass skipped because they were bad.
     pub fn skipped(&self) -> Vec<String> {
-        self.skipped.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.skipped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Keeps a host whose lease expired while traffic from it still arrives within
@@ -317,8 +320,8 @@ mod tests {
     use super::*;
     use crate::datapath::fake::FakeDatapath;
     use crate::schema::{BlockRecord, PoolRecord};
-    use crate::store::StoreExt;
     use crate::store::embedded::EmbeddedStore;
+    use crate::store::StoreExt;
     use crate::tunnel::fake::FakeTunnel;
 
     /// A pool record for `pool` with /26 blocks, so that its blocks are valid.
@@ -545,7 +548,10 @@ mod tests {
             .unwrap();
         // A host record that does not parse, a forged /16 in no pool, a block of the
         // wrong size, a block value that does not parse, and a key that does not decode.
-        store.create("hosts/c", b"{not json".to_vec()).await.unwrap();
+        store
+            .create("hosts/c", b"{not json".to_vec())
+            .await
+            .unwrap();
         for (key, value) in [
             ("blocks/10.99.0.0_16/10.99.0.0_16", &br#"{"host":"b"}"#[..]),
             ("blocks/10.42.0.0_16/10.42.1.0_24", &br#"{"host":"b"}"#[..]),
@@ -554,7 +560,9 @@ mod tests {
         ] {
             store.create(key, value.to_vec()).await.unwrap();
         }
-        mesh.reconcile().await.expect("one bad record never stops a pass");
+        mesh.reconcile()
+            .await
+            .expect("one bad record never stops a pass");
         assert_eq!(tunnel.peers.lock().unwrap().len(), 1, "b is still a peer");
         assert_eq!(
             dp.with(|s| s.tunnel_routes.clone()),
