@@ -190,7 +190,7 @@ async fn register_once(
         // Someone may have deleted or re-attached our record (another daemon on the
         // same id): a registration that holds nothing is no registration.
         renewals += 1;
-        if renewals % 3 == 0 {
+        if renewals.is_multiple_of(3) {
             let resp = kv.get(keys.host.as_str(), None).await?;
             let ours = resp
                 .kvs()
