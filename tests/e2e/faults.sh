@@ -384,7 +384,8 @@ two_hosts() {
   for h in h1 h2; do D $h network create -d weft --ipam-driver weft --subnet "$subnet" "$net" >/dev/null; done
   run_bb h1 "${net}1" --network "$net"
   run_bb h2 "${net}2" --network "$net"
-  retry 50 pings h1 "${net}1" "$(ip_of h2 "${net}2" "$net")"
+  within 20 pings h1 "${net}1" "$(ip_of h2 "${net}2" "$net")" ||
+    fail "containers of $net on h1 and h2 cannot reach each other within 20 s (the mesh did not converge)"
 }
 drop_two_hosts() {
   local net=$1 h
