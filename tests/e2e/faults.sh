@@ -404,7 +404,7 @@ test_a_second_daemon_on_the_same_state_dir_is_refused_and_the_first_stays() {
   id=$(host_id h1)
   out=$(lab_exec h1 timeout 20 "$WEFT_BIN" daemon --state-dir "$(lab_dir h1)/state" \
     --etcd-endpoints http://192.0.2.1:2379 --host-ttl "$WEFT_HOST_TTL" 2>&1) || rc=$?
-  echo "    second daemon: exit $rc: $(echo "$out" | tail -1 | cut -c1-200)"
+  echo "    second daemon: exit $rc: $(echo "$out" | grep -m1 -i error | cut -c1-200)"
   local errs=()
   [ "$rc" != 0 ] && [ "$rc" != 124 ] || errs+=("the second daemon did not exit with an error (exit $rc)")
   echo "$out" | grep -q "holds .*/state/lock" || errs+=("its error does not name the lock and the first daemon")
