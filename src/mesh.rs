@@ -338,6 +338,27 @@ mod tests {
         store.create_json(&keys::pool(pool), &rec).await.unwrap();
     }
 
+    fn mesh_of(store: &Arc<EmbeddedStore>, tunnel: &Arc<FakeTunnel>) -> (Mesh, Arc<FakeDatapath>) {
+        let dp = Arc::new(FakeDatapath::new());
+        let tenure = Arc::new(Tenure::clustered());
+        let blocks = Arc::new(Blocks::new(
+            store.clone(),
+            Arc::new(EmbeddedStore::in_memory()),
+            "a".into(),
+            tenure.clone(),
+            Duration::from_secs(600),
+        ));
+        let mesh = Mesh::new(store.clone(), tunnel.clone(), dp.clone(), blocks, tenure);
+        (mesh, dp)
+    }
+
+    /// Hosts a (this one) and b, live.
+    async fn seed_hosts(store: &EmbeddedStore) {
+        for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
+            store.create_json(&keys::host(&h.id), &h).await.unwrap();
+        }
+    }
+
     fn host(id: &str, ip: &str) -> HostRecord {
         HostRecord {
             id: id.into(),
@@ -382,23 +403,8 @@ mod tests {
     async fn reconcile_programs_peers_and_routes_and_drops_departed_hosts() {
         let store = Arc::new(EmbeddedStore::in_memory());
         let tunnel = Arc::new(FakeTunnel::default());
-        let dp = Arc::new(FakeDatapath::new());
-        let tenure = Arc::new(Tenure::clustered());
-        let blocks = Arc::new(Blocks::new(
-            store.clone(),
-            Arc::new(EmbeddedStore::in_memory()),
-            "a".into(),
-            tenure.clone(),
-            Duration::from_secs(600),
-        ));
-        let mesh = Mesh::new(store.clone(), tunnel.clone(), dp.clone(), blocks, tenure);
-        for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
-            store
-                .create_json(&keys::host(&h.id), &h)
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        let (mesh, dp) = mesh_of(&store, &tunnel);
+        seed_hosts(&store).await;
         let pool = "10.42.0.0/16".parse().unwrap();
         let block = "10.42.0.64/26".parse().unwrap();
         seed_pool(&store, pool).await;
@@ -427,20 +433,9 @@ mod tests {
     async fn a_host_whose_lease_expired_stays_while_its_traffic_arrives() {
         let store = Arc::new(EmbeddedStore::in_memory());
         let tunnel = Arc::new(FakeTunnel::default());
-        let dp = Arc::new(FakeDatapath::new());
-        let tenure = Arc::new(Tenure::clustered());
-        let blocks = Arc::new(Blocks::new(
-            store.clone(),
-            Arc::new(EmbeddedStore::in_memory()),
-            "a".into(),
-            tenure.clone(),
-            Duration::from_secs(600),
-        ));
-        let mesh = Mesh::new(store.clone(), tunnel.clone(), dp.clone(), blocks, tenure)
-            .with_liveness(Some(Duration::from_millis(300)));
-        for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
-            store.create_json(&keys::host(&h.id), &h).await.unwrap();
-        }
+        let (mesh, dp) = mesh_of(&store, &tunnel);
+        let mesh = mesh.with_liveness(Some(Duration::from_millis(300)));
+        seed_hosts(&store).await;
         let pool = "10.42.0.0/16".parse().unwrap();
         let block = "10.42.0.64/26".parse().unwrap();
         seed_pool(&store, pool).await;
@@ -475,42 +470,12 @@ mod tests {
     async fn without_liveness_a_host_leaves_with_its_lease() {
         let store = Arc::new(EmbeddedStore::in_memory());
         let tunnel = Arc::new(FakeTunnel::default());
-        let tenure = Arc::new(Tenure::clustered());
-        let blocks = Arc::new(Blocks::new(
-            store.clone(),
-            Arc::new(EmbeddedStore::in_memory()),
-            "a".into(),
-            tenure.clone(),
-            Duration::from_secs(600),
-        ));
-        let mesh = Mesh::new(
-            store.clone(),
-            tunnel.clone(),
-            Arc::new(FakeDatapath::new()),
-            blocks,
-            tenure,
-        );
-        for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
-            store.create_json(&keys::host(&h.id), &h).await.unwrap();
-        }
+        let (mesh, _) = mesh_of(&store, &tunnel);
+        seed_hosts(&store).await;
         mesh.reconcile().await.unwrap();
         tunnel.peers.lock().unwrap()[0].rx_bytes = 10;
         store.delete(&keys::host("b"), None).await.unwrap();
         assert_eq!(mesh.reconcile().await.unwrap().removed, 1);
-    }
-
-    fn mesh_of(store: &Arc<EmbeddedStore>, tunnel: &Arc<FakeTunnel>) -> (Mesh, Arc<FakeDatapath>) {
-        let dp = Arc::new(FakeDatapath::new());
-        let tenure = Arc::new(Tenure::clustered());
-        let blocks = Arc::new(Blocks::new(
-            store.clone(),
-            Arc::new(EmbeddedStore::in_memory()),
-            "a".into(),
-            tenure.clone(),
-            Duration::from_secs(600),
-        ));
-        let mesh = Mesh::new(store.clone(), tunnel.clone(), dp.clone(), blocks, tenure);
-        (mesh, dp)
     }
 
     #[tokio::test]
@@ -518,9 +483,7 @@ mod tests {
         let store = Arc::new(EmbeddedStore::in_memory());
         let tunnel = Arc::new(FakeTunnel::default());
         let (mesh, _) = mesh_of(&store, &tunnel);
-        for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
-            store.create_json(&keys::host(&h.id), &h).await.unwrap();
-        }
+        seed_hosts(&store).await;
         mesh.reconcile().await.unwrap();
         assert_eq!(tunnel.peers.lock().unwrap().len(), 1);
         // The userspace process died: the device and its peers are gone.
@@ -536,9 +499,7 @@ mod tests {
         let store = Arc::new(EmbeddedStore::in_memory());
         let tunnel = Arc::new(FakeTunnel::default());
         let (mesh, dp) = mesh_of(&store, &tunnel);
-        for h in [host("a", "192.0.2.11"), host("b", "192.0.2.12")] {
-            store.create_json(&keys::host(&h.id), &h).await.unwrap();
-        }
+        seed_hosts(&store).await;
         let pool: Ipv4Network = "10.42.0.0/16".parse().unwrap();
         seed_pool(&store, pool).await;
         let good: Ipv4Network = "10.42.0.64/26".parse().unwrap();

@@ -316,12 +316,20 @@ async fn a_network_name_must_match_across_hosts() {
 
 const EP2: &str = "7c0de0000000000000000000000000000000000000000000000000000000000b";
 
-#[tokio::test]
-async fn a_newer_endpoint_supersedes_a_never_joined_one_holding_its_address() {
-    let (d, fake, _) = setup();
+/// A driver with network NET (10.42.0.0/16) created.
+async fn with_network(config: DriverConfig) -> (Driver, Arc<FakeDatapath>, Arc<EmbeddedStore>) {
+    let store = Arc::new(EmbeddedStore::in_memory());
+    let fake = Arc::new(FakeDatapath::new());
+    let d = Driver::new(store.clone(), fake.clone(), config);
     d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
         .await
         .unwrap();
+    (d, fake, store)
+}
+
+#[tokio::test]
+async fn a_newer_endpoint_supersedes_a_never_joined_one_holding_its_address() {
+    let (d, fake, _) = with_network(DriverConfig::default()).await;
     // Left behind when weft was killed between CreateEndpoint and Join.
     d.create_endpoint(endpoint_req(NET, EP, "10.42.0.77/16"))
         .await
@@ -347,10 +355,7 @@ async fn a_newer_endpoint_supersedes_a_never_joined_one_holding_its_address() {
 
 #[tokio::test]
 async fn a_live_endpoint_keeps_its_address() {
-    let (d, _, _) = setup();
-    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
-        .await
-        .unwrap();
+    let (d, _, _) = with_network(DriverConfig::default()).await;
     d.create_endpoint(endpoint_req(NET, EP, "10.42.0.77/16"))
         .await
         .unwrap();
@@ -365,19 +370,11 @@ async fn a_live_endpoint_keeps_its_address() {
 
 #[tokio::test]
 async fn never_joined_endpoints_are_collected_after_the_grace() {
-    let store = Arc::new(EmbeddedStore::in_memory());
-    let fake = Arc::new(FakeDatapath::new());
-    let d = Driver::new(
-        store.clone(),
-        fake.clone(),
-        DriverConfig {
-            endpoint_grace: std::time::Duration::from_secs(60),
-            ..DriverConfig::default()
-        },
-    );
-    d.create_network(create_req(NET, "10.42.0.0/16", json!({}), false))
-        .await
-        .unwrap();
+    let (d, fake, store) = with_network(DriverConfig {
+        endpoint_grace: std::time::Duration::from_secs(60),
+        ..DriverConfig::default()
+    })
+    .await;
     d.create_endpoint(endpoint_req(NET, EP, "10.42.0.5/16"))
         .await
         .unwrap();

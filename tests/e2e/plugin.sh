@@ -12,10 +12,8 @@ source "$REPO/tests/e2e/lib.sh"
 
 BUNDLE=$LAB_ROOT/bundle
 DRV=weft:latest
-D() { local h=$1; shift; lab_docker "$h" "$@"; }
-ip_of() { D "$1" inspect -f "{{(index .NetworkSettings.Networks \"$3\").IPAddress}}" "$2"; }
-run_bb() { local h=$1; shift; D "$h" run -d --name "$@" "$LAB_IMAGE" sleep 3600 >/dev/null; }
-pings() { D "$1" exec "$2" ping -c "${4:-1}" -W 2 "$3" >/dev/null 2>&1; }
+# shellcheck source=hosts.sh
+source "$REPO/tests/e2e/hosts.sh"
 
 # install_plugin HOST [ENV=VALUE…]: create, point its state at the host's own dir, enable.
 install_plugin() {

@@ -1,0 +1,11 @@
+# shellcheck shell=bash
+# Helpers for the suites that drive several lab hosts (multi_host, faults, plugin):
+# HOST is a lab host name (h1, p1, …); source after scripts/lib/lab.sh.
+
+D() { local h=$1; shift; lab_docker "$h" "$@"; }
+# ip_of HOST CONTAINER NETWORK
+ip_of() { D "$1" inspect -f "{{(index .NetworkSettings.Networks \"$3\").IPAddress}}" "$2"; }
+# run_bb HOST NAME [docker run options…]: a sleeping busybox container.
+run_bb() { local h=$1; shift; D "$h" run -d --name "$@" "$LAB_IMAGE" sleep 3600 >/dev/null; }
+# pings HOST CONTAINER ADDRESS [COUNT]
+pings() { D "$1" exec "$2" ping -c "${4:-1}" -W 2 "$3" >/dev/null 2>&1; }
