@@ -414,6 +414,19 @@ test_a_second_daemon_on_the_same_state_dir_is_refused_and_the_first_stays() {
   [ "${#errs[@]}" = 0 ] || fail_all "${errs[@]}"
 }
 
+# Membership, scenario 1 (second half): a hosts/ record deleted behind the daemon's
+# back (or re-attached to another lease) is written again by the keep-alive loop.
+test_a_deleted_host_record_is_written_again() {
+  local id
+  id=$(host_id h1)
+  record_back() { [ -n "$(etcdctl_lab get "/weft/v1/hosts/$id" --print-value-only)" ]; }
+  peer_back() { [ "$(weft_status h2 | jq '[.hosts[] | select(.this_host | not)] | length')" = 1 ]; }
+  etcdctl_lab del "/weft/v1/hosts/$id" >/dev/null
+  within $((WEFT_HOST_TTL + 4)) record_back ||
+    fail "hosts/$id was not written again within $((WEFT_HOST_TTL + 4)) s of its deletion"
+  within 10 peer_back || fail "h2 did not get h1 back"
+}
+
 # Membership, scenario 2: if the userspace WireGuard process dies, the next mesh pass
 # sets the device up again with its peers; cross-host traffic recovers within seconds.
 test_the_tunnel_heals_when_wireguard_dies() {
@@ -477,6 +490,7 @@ main() {
     test_a_partition_longer_than_the_grace_period_never_shares_an_address \
     test_nothing_is_reclaimed_when_the_whole_cluster_returns \
     test_a_second_daemon_on_the_same_state_dir_is_refused_and_the_first_stays \
+    test_a_deleted_host_record_is_written_again \
     test_the_tunnel_heals_when_wireguard_dies \
     test_bad_records_do_not_stall_the_cluster \
     test_a_partition_from_etcd_is_not_a_data_plane_outage \
