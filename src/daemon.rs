@@ -240,13 +240,20 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     ));
     let mesh = match clustered {
         Some(c) => {
-            crate::cluster::spawn_registration(
+            let leases = crate::cluster::etcd::EtcdLeases::new(
                 c.etcd.client(),
                 c.etcd.prefix().to_string(),
-                c.record,
                 Duration::from_secs(config.cluster.host_ttl),
-                grace,
-                tenure.clone(),
+            );
+            tokio::spawn(
+                crate::cluster::Registration {
+                    leases: Arc::new(leases),
+                    record: c.record,
+                    ttl: Duration::from_secs(config.cluster.host_ttl),
+                    grace,
+                    tenure: tenure.clone(),
+                }
+                .run(),
             );
             // Blocks this host still has addresses in must still be its own (they could
             // have been reclaimed while it was gone longer than the grace period); the
