@@ -54,10 +54,9 @@ impl Leases for EtcdLeases {
 
     async fn renew(&self, lease: LeaseId) -> Result<bool, MembershipError> {
         let mut keepers = self.keepers.lock().await;
-        if !keepers.contains_key(&lease) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = keepers.entry(lease) {
             let mut client = self.client.lease_client();
-            let pair = self.timed(client.keep_alive(lease)).await?;
-            keepers.insert(lease, pair);
+            slot.insert(self.timed(client.keep_alive(lease)).await?);
         }
         let (keeper, answers) = keepers.get_mut(&lease).expect("inserted above");
         let result = async {
