@@ -176,7 +176,7 @@ pub struct ClusterConfig {
     pub wg_keepalive: u16,
 
     /// Seconds a host may be gone before other hosts reclaim its address blocks.
-    #[arg(long, env = "WEFT_BLOCK_GRACE", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "WEFT_BLOCK_GRACE", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     pub block_grace: u64,
 
     /// Seconds between full mesh passes (changes in etcd trigger one at once).

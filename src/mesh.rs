@@ -156,13 +156,14 @@ impl Mesh {
             if hosts.iter().any(|h| &h.id == id) {
                 return true;
             }
-            match rx_of(&entry.record.public_key) {
-                Some(rx) if rx > entry.rx_bytes => {
+            // Any change counts (a re-created device starts from zero); a peer missing
+            // from the device (it was just re-created) keeps the host until the window
+            // ends, like silence does.
+            if let Some(rx) = rx_of(&entry.record.public_key) {
+                if rx != entry.rx_bytes {
                     entry.rx_bytes = rx;
                     entry.grew = now;
                 }
-                Some(_) => {}
-                None => return false,
             }
             let stale_at = entry.grew + window;
             if now >= stale_at {

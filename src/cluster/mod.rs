@@ -27,7 +27,10 @@ use crate::store::keys;
 /// - *Blocks safe until*: the send time of the last `seen/` keep-alive that etcd
 ///   confirmed, plus the lease's TTL (less 5 % for clock-rate drift). etcd renewed
 ///   the lease no earlier than that send, so until then nobody can have reclaimed
-///   this host's blocks, and addresses may come from them without asking etcd.
+///   this host's blocks, and addresses may come from them without asking etcd. That
+///   holds only while the lease never lapsed: once it has (or before the first one),
+///   a new lease makes the blocks safe only after a verification of them that started
+///   under it has succeeded ([`Tenure::verified`]).
 ///
 /// On a single host (embedded store) both always hold.
 pub struct Tenure {
@@ -41,6 +44,10 @@ pub struct Tenure {
 struct TenureState {
     registered_since: Option<Instant>,
     blocks_safe_until: Option<Instant>,
+    /// A renewal that waits for a verification (the lease had lapsed).
+    pending_until: Option<Instant>,
+    /// Counts registrations, so that a verification proves only its own.
+    generation: u64,
 }
 
 impl Tenure {
@@ -66,6 +73,7 @@ impl Tenure {
     pub fn registered(&self) {
         self.with(|s| {
             s.registered_since.get_or_insert_with(Instant::now);
+            s.generation += 1;
         });
         self.registered_now.notify_one();
     }
@@ -74,10 +82,42 @@ impl Tenure {
         self.with(|s| s.registered_since = None);
     }
 
+    /// The current registration's number, taken when a verification starts.
+    pub fn generation(&self) -> u64 {
+        self.with(|s| s.generation)
+    }
+
     /// etcd confirmed a keep-alive of the `seen/` lease (TTL `ttl`) sent at `sent`.
     pub fn seen_renewed(&self, sent: Instant, ttl: Duration) {
         let until = sent + ttl - ttl / 20;
-        self.with(|s| s.blocks_safe_until = Some(until));
+        self.with(|s| {
+            let unbroken = s.blocks_safe_until.is_some_and(|t| Instant::now() < t);
+            if unbroken {
+                s.blocks_safe_until = Some(until);
+            } else {
+                s.pending_until = Some(until);
+            }
+        });
+    }
+
+    /// etcd says the `seen/` lease is gone: the blocks may be reclaimed from now on.
+    pub fn seen_lost(&self) {
+        self.with(|s| {
+            s.blocks_safe_until = None;
+            s.pending_until = None;
+        });
+    }
+
+    /// A verification of this host's blocks that started under registration
+    /// `generation` succeeded: a pending renewal of that registration counts now.
+    pub fn verified(&self, generation: u64) {
+        self.with(|s| {
+            if s.generation == generation && s.registered_since.is_some() {
+                if let Some(until) = s.pending_until.take() {
+                    s.blocks_safe_until = Some(until);
+                }
+            }
+        });
     }
 
     /// Whether this host's blocks are certainly still its own in etcd.
@@ -179,6 +219,7 @@ impl Registration {
                 return Ok(Ended::LeaseExpired);
             }
             if !self.leases.renew(seen_lease).await? {
+                self.tenure.seen_lost();
                 return Ok(Ended::LeaseExpired);
             }
             debug!("leases renewed");
@@ -238,6 +279,11 @@ mod tests {
         let (_, seen_lease) = leases.get("seen/h1").unwrap();
         assert_eq!(leases.ttl_of(host_lease), Some(Duration::from_millis(300)));
         assert_eq!(leases.ttl_of(seen_lease), Some(Duration::from_secs(600)));
+        assert!(
+            !tenure.blocks_are_safe(),
+            "a first lease makes nothing safe before the blocks are verified"
+        );
+        tenure.verified(tenure.generation());
         assert!(tenure.blocks_are_safe());
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(
@@ -276,6 +322,7 @@ mod tests {
         let reg = registration(&leases, &tenure);
         let handle = tokio::spawn(async move { reg.once().await });
         until("registered", || leases.get("hosts/h1").is_some()).await;
+        tenure.verified(tenure.generation());
         leases.down.store(true, std::sync::atomic::Ordering::SeqCst);
         let ended = handle.await.unwrap();
         assert!(ended.is_err(), "{ended:?}");
@@ -285,5 +332,33 @@ mod tests {
             tenure.blocks_are_safe(),
             "the seen/ lease (600 s) was renewed moments ago: its blocks are still this host's"
         );
+    }
+
+    #[test]
+    fn a_lapsed_lease_makes_blocks_safe_again_only_after_a_verification() {
+        let tenure = Tenure::clustered();
+        let ttl = Duration::from_secs(600);
+        tenure.registered();
+        tenure.seen_renewed(Instant::now(), ttl);
+        tenure.verified(tenure.generation());
+        assert!(tenure.blocks_are_safe());
+        // Cut off past the lease: the last confirmed renewal is older than the TTL.
+        tenure.lost();
+        tenure.seen_renewed(Instant::now() - Duration::from_secs(700), ttl);
+        assert!(!tenure.blocks_are_safe());
+        // Back: a new registration and lease, but the blocks may have been reclaimed.
+        tenure.registered();
+        let generation = tenure.generation();
+        tenure.seen_renewed(Instant::now(), ttl);
+        assert!(!tenure.blocks_are_safe(), "not before a verification");
+        tenure.verified(generation - 1);
+        assert!(
+            !tenure.blocks_are_safe(),
+            "an older verification proves nothing"
+        );
+        tenure.verified(generation);
+        assert!(tenure.blocks_are_safe());
+        tenure.seen_lost();
+        assert!(!tenure.blocks_are_safe(), "etcd said the lease is gone");
     }
 }

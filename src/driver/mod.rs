@@ -568,6 +568,18 @@ impl Driver {
         for ep in self.endpoints().await? {
             let network_known = networks.iter().any(|n| n.id == ep.network_id);
             let container_gone = ep.joined && !self.datapath.host_link_exists(&ep.host_if).await?;
+            if !ep.joined && ep.since == 0 {
+                // Written before weft kept the time: start counting now.
+                let key = keys::endpoint(&ep.id);
+                self.local
+                    .modify_json::<EndpointRecord, DriverError, _>(&key, |cur| {
+                        Ok(cur.map(|mut e| {
+                            e.since = unix_now();
+                            e
+                        }))
+                    })
+                    .await?;
+            }
             let never_joined = !ep.joined && self.unjoined_too_long(&ep);
             if !network_known || container_gone || never_joined {
                 info!(endpoint = %short(&ep.id), network_known, container_gone, never_joined, "forgetting stale endpoint");

@@ -23,9 +23,7 @@ use tracing::{error, info, warn};
 use super::{allocator, IpamError};
 use crate::cluster::Tenure;
 use crate::schema::keys::{self, Key};
-use crate::schema::{
-    AddressRecord, BlockRecord, HostRecord, OverlayRecord, PoolRecord, SeenRecord,
-};
+use crate::schema::{AddressRecord, BlockRecord, HostRecord, OverlayRecord, PoolRecord};
 use crate::store::{Store, StoreError, StoreExt};
 
 /// A block this host holds addresses in while another host owns it in etcd.
@@ -199,22 +197,29 @@ impl Blocks {
     /// claims back the ones nobody owns, records as conflicts the ones another host
     /// owns. Runs on every (re-)registration and every mesh pass.
     pub async fn verify(&self) -> Result<Verified, IpamError> {
+        let generation = self.tenure.generation();
         let mut held: BTreeMap<(Ipv4Network, Ipv4Network), Vec<Ipv4Addr>> = BTreeMap::new();
-        for (key, rec) in self
-            .local
-            .list_json::<AddressRecord>(keys::ADDRESSES)
-            .await?
-        {
-            if let Ok(Key::Address { pool, ip }) = Key::parse(&key) {
-                held.entry((pool, rec.value.block)).or_default().push(ip);
+        for (key, v) in self.local.list(keys::ADDRESSES).await? {
+            let rec = serde_json::from_slice::<AddressRecord>(&v.value);
+            match (Key::parse(&key), rec) {
+                (Ok(Key::Address { pool, ip }), Ok(rec)) => {
+                    held.entry((pool, rec.block)).or_default().push(ip)
+                }
+                _ => warn!(%key, "skipping an address record that does not decode"),
             }
         }
         let mut report = Verified::default();
         let mut conflicts = BTreeMap::new();
         for ((pool, block), addresses) in held {
             let key = keys::block(pool, block);
-            let owner = match self.cluster.get_json::<BlockRecord>(&key).await? {
-                Some(r) => r.value.host,
+            let stored = self.cluster.get(&key).await?;
+            let decoded = stored
+                .as_ref()
+                .map(|v| serde_json::from_slice::<BlockRecord>(&v.value));
+            let owner = match decoded {
+                Some(Ok(r)) => r.host,
+                // A record nobody can read is nobody's to hand out from.
+                Some(Err(_)) => "(unreadable record)".to_string(),
                 None if self.claim(&key).await? => {
                     warn!(%block, "claimed back a block this host still uses");
                     report.claimed_back += 1;
@@ -250,6 +255,8 @@ impl Blocks {
             }
         }
         *current = conflicts;
+        drop(current);
+        self.tenure.verified(generation);
         Ok(report)
     }
 
@@ -297,7 +304,7 @@ impl Blocks {
         }
         let seen: BTreeSet<String> = self
             .cluster
-            .list_json::<SeenRecord>(keys::SEEN)
+            .list(keys::SEEN)
             .await?
             .into_iter()
             .filter_map(|(k, _)| match Key::parse(&k) {
@@ -317,7 +324,7 @@ impl Blocks {
                 reclaimed += 1;
             }
         }
-        for (key, rec) in self.cluster.list_json::<PoolRecord>(keys::POOLS).await? {
+        for (key, rec) in decoded::<PoolRecord>(self.cluster.list(keys::POOLS).await?) {
             let p = &rec.value;
             let stale_refs = p.refs.keys().any(|h| gone(h));
             let stale_aux = p.aux.values().flatten().any(|h| gone(h));
@@ -342,11 +349,7 @@ impl Blocks {
                 info!(pool = %p.pool, "removed the references of hosts gone longer than the grace period");
             }
         }
-        for (key, rec) in self
-            .cluster
-            .list_json::<OverlayRecord>(keys::OVERLAYS)
-            .await?
-        {
+        for (key, rec) in decoded::<OverlayRecord>(self.cluster.list(keys::OVERLAYS).await?) {
             if !rec.value.hosts.iter().any(|h| gone(h)) {
                 continue;
             }
@@ -360,6 +363,27 @@ impl Blocks {
         }
         Ok(reclaimed)
     }
+}
+
+/// The records of `list` that decode; the others are skipped with a warning.
+fn decoded<T: serde::de::DeserializeOwned>(
+    list: Vec<(String, crate::store::Versioned)>,
+) -> Vec<(String, crate::store::Record<T>)> {
+    list.into_iter()
+        .filter_map(|(key, v)| match serde_json::from_slice::<T>(&v.value) {
+            Ok(value) => Some((
+                key,
+                crate::store::Record {
+                    value,
+                    revision: v.revision,
+                },
+            )),
+            Err(_) => {
+                warn!(%key, "skipping a record that does not decode");
+                None
+            }
+        })
+        .collect()
 }
 
 fn decode_block(key: &str, value: &[u8]) -> Option<(Ipv4Network, Ipv4Network, String)> {

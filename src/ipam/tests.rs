@@ -644,13 +644,18 @@ async fn owned_blocks_serve_offline_only_while_the_seen_lease_holds() {
     let id = pool_id(&h, "10.42.0.0/24", "").await;
     attach_network(&h, "10.42.0.0/24").await;
     h.ipam.request_address(&id, "", &none()).await.unwrap();
+    assert!(
+        !tenure.blocks_are_safe(),
+        "a first lease: nothing is safe before the blocks are verified"
+    );
+    h.ipam.blocks().verify().await.unwrap();
     cluster
         .down
         .store(true, std::sync::atomic::Ordering::SeqCst);
     h.ipam
         .request_address(&id, "", &none())
         .await
-        .expect("lease alive: served from the owned block");
+        .expect("lease alive and blocks verified: served from the owned block");
     // The last confirmed renewal is now older than the lease.
     tenure.seen_renewed(
         std::time::Instant::now() - std::time::Duration::from_secs(700),
