@@ -16,9 +16,10 @@ packages=(
   # running: the datapath and the userspace WireGuard fallback
   iproute2 nftables iptables wireguard-go wireguard-tools
   # testing: dockerd and what it runs, etcd, the test image, probes, the registry
-  # for the managed-plugin install path, and the fresh-machine check
+  # for the managed-plugin install path, the fresh-machine check, and systemd-analyze
+  # for the unit
   docker.io containerd runc etcd-server etcd-client busybox-static tcpdump curl
-  python3 jq util-linux iperf3 docker-registry mmdebstrap
+  python3 jq util-linux iperf3 docker-registry mmdebstrap systemd
 )
 
 if [ "${1:-}" = --list ]; then printf '%s\n' "${packages[@]}"; exit 0; fi

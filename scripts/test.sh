@@ -52,7 +52,16 @@ DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/plugin.sh
 step "host service install"
 tmp=$(mktemp -d)
 scripts/install.sh --root "$tmp" >/dev/null
-grep -qx 'Before=docker.service' "$tmp/etc/systemd/system/weft.service"
+unit=$tmp/etc/systemd/system/weft.service
+grep -qx 'Before=docker.service' "$unit"
+# Wanted by docker.service, never required: restarting weft must not restart dockerd.
+grep -qx 'WantedBy=docker.service' "$unit"
+if grep -q '^RequiredBy=' "$unit"; then echo "weft.service must not be RequiredBy= anything" >&2; exit 1; fi
+# systemd's own check, with ExecStart pointed at the built binary (the unit's path is
+# not installed on this machine); any warning fails.
+sed "s#^ExecStart=/usr/local/bin/weft#ExecStart=$PWD/target/release/weft#" "$unit" >"$tmp/weft.service"
+verify_out=$(systemd-analyze verify "$tmp/weft.service" 2>&1)
+[ -z "$verify_out" ] || { echo "systemd-analyze verify: $verify_out" >&2; exit 1; }
 "$tmp/usr/local/bin/weft" --version
 scripts/install.sh --root "$tmp" --uninstall >/dev/null
 [ ! -e "$tmp/usr/local/bin/weft" ] && [ ! -e "$tmp/etc/systemd/system/weft.service" ]
