@@ -116,7 +116,21 @@ pub fn render(desired: &DesiredState) -> String {
     s
 }
 
+/// How long `nft` or `iptables` may take. A hung one (say, waiting for the xtables
+/// lock another tool holds) fails its operation and is killed, so it never holds
+/// weft's locks for longer than this.
+pub const COMMAND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), DatapathError> {
+    run_within(COMMAND_DEADLINE, program, args, stdin).await
+}
+
+async fn run_within(
+    deadline: std::time::Duration,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<(), DatapathError> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(if stdin.is_some() {
@@ -125,19 +139,29 @@ async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Da
             Stdio::null()
         })
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // Dropped on the deadline: the child is killed with it.
+        .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| {
         DatapathError::Firewall(format!("cannot run {program}: {e} (is it installed?)"))
     })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
+    let talk = async {
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())
+                .await
+                .map_err(|e| DatapathError::Firewall(format!("writing to {program}: {e}")))?;
+        }
+        child
+            .wait_with_output()
             .await
-            .map_err(|e| DatapathError::Firewall(format!("writing to {program}: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| DatapathError::Firewall(format!("waiting for {program}: {e}")))?;
+            .map_err(|e| DatapathError::Firewall(format!("waiting for {program}: {e}")))
+    };
+    let out = tokio::time::timeout(deadline, talk).await.map_err(|_| {
+        DatapathError::Firewall(format!(
+            "{program} {} did not finish within {deadline:?}; killed it",
+            args.join(" ")
+        ))
+    })??;
     if out.status.success() {
         Ok(())
     } else {
@@ -301,5 +325,35 @@ mod tests {
             render(&DesiredState::default()),
             "table inet weft\ndelete table inet weft\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_hung_command_fails_at_its_deadline_and_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let script = format!("echo $$ > {}; exec sleep 30", pid_file.display());
+        let started = std::time::Instant::now();
+        let err = run_within(
+            std::time::Duration::from_millis(300),
+            "sh",
+            &["-c", &script],
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(err.to_string().contains("did not finish"), "{err}");
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let alive = || std::path::Path::new(&format!("/proc/{}", pid.trim())).exists();
+        for _ in 0..50 {
+            if !alive() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let zombie_or_gone = !alive()
+            || std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+                .is_ok_and(|st| st.split_whitespace().nth(2) == Some("Z"));
+        assert!(zombie_or_gone, "the hung command was not killed");
     }
 }

@@ -5,7 +5,8 @@
 //! socket (`/var/run/wireguard/<iface>.sock`) instead of starting another.
 
 use std::net::IpAddr;
-use std::process::Command;
+/// How long the userspace WireGuard may take to daemonise with its device up.
+const USERSPACE_START_DEADLINE: Duration = Duration::from_secs(10);
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -122,7 +123,7 @@ impl WireGuard {
         Device::get(&self.iface, Backend::Userspace).is_ok()
     }
 
-    fn start_userspace(&self) -> Result<(), TunnelError> {
+    async fn start_userspace(&self) -> Result<(), TunnelError> {
         let bin = &self.config.userspace_binary;
         info!(binary = %bin, interface = %self.name, "starting userspace WireGuard");
         // wireguard-go daemonises itself: the command returns once the device is up,
@@ -133,16 +134,31 @@ impl WireGuard {
             .append(true)
             .open(&self.config.log_file)
             .map_err(io(format!("open {}", self.config.log_file.display())))?;
-        let status = Command::new(bin)
+        let mut child = tokio::process::Command::new(bin)
             .arg(&self.name)
             // Set only by wireguard-go itself for its daemon child; inheriting it would
             // keep the first process in the foreground.
             .env_remove("WG_PROCESS_FOREGROUND")
+            // weft's secrets are not the tunnel's business.
+            .env_remove("WEFT_ETCD_PASSWORD")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().map_err(io("log file"))?)
             .stderr(log)
-            .status()
+            // On the deadline the launcher is killed (a daemon it forked is adopted or
+            // replaced on the next pass).
+            .kill_on_drop(true)
+            .spawn()
             .map_err(io(format!("start {bin} (is it installed?)")))?;
+        let status = tokio::time::timeout(USERSPACE_START_DEADLINE, child.wait())
+            .await
+            .map_err(|_| {
+                TunnelError::Setup(format!(
+                    "{bin} {} did not come up within {USERSPACE_START_DEADLINE:?}; see {}",
+                    self.name,
+                    self.config.log_file.display()
+                ))
+            })?
+            .map_err(io(format!("wait for {bin}")))?;
         if !status.success() {
             return Err(TunnelError::Setup(format!(
                 "{bin} {} exited with {status}; see {}",
@@ -236,7 +252,7 @@ impl Tunnel for WireGuard {
             if self.userspace_running() {
                 info!(interface = %self.name, "adopting running userspace WireGuard");
             } else {
-                self.start_userspace()?;
+                self.start_userspace().await?;
             }
         }
         *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend);
