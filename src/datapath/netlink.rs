@@ -358,11 +358,15 @@ impl NetlinkDatapath {
                 let msg = Self::weft_route(subnet)
                     .kind(RouteType::Unreachable)
                     .build();
-                let r = self.handle.route().add(msg).replace().execute().await;
-                if let Err(e) =
-                    r.map_err(|e| classify(format!("add unreachable route {subnet}"), e))
-                {
-                    errors.push(e);
+                // A plain add, never a replace: a route of the host's own for the same
+                // subnet (allowed with weft.allow-route-overlap) stays as it is.
+                let r = self.handle.route().add(msg).execute().await;
+                match r.map_err(|e| classify(format!("add unreachable route {subnet}"), e)) {
+                    Ok(()) => {}
+                    Err(DatapathError::AlreadyExists { .. }) => {
+                        debug!(%subnet, "the host has its own route for this subnet; leaving it")
+                    }
+                    Err(e) => errors.push(e),
                 }
             }
         }

@@ -215,6 +215,21 @@ impl Driver {
                 )));
             }
         }
+        if !opts.allow_route_overlap {
+            // Never take over a route someone else set up (a VPN, another CNI, Docker's
+            // own bridges): refuse the subnet unless the user says otherwise.
+            let routes = self.datapath.host_routes().await?;
+            if let Some(route) = routes
+                .iter()
+                .find(|r| crate::ipam::allocator::overlaps(**r, record.subnet))
+            {
+                return Err(DriverError::Conflict(format!(
+                    "subnet {} overlaps the host's route {route}, which weft did not add; choose another subnet, or pass -o {}=true to use it anyway (weft never replaces or deletes that route)",
+                    record.subnet,
+                    options::ALLOW_ROUTE_OVERLAP
+                )));
+            }
+        }
         self.join_overlay(record.subnet, record.name.as_deref())
             .await?;
         if self

@@ -7,6 +7,7 @@ use super::DriverError;
 pub const MTU_DOCKER: &str = "com.docker.network.driver.mtu";
 pub const MTU_WEFT: &str = "weft.mtu";
 pub const NETWORK_NAME: &str = "weft.network";
+pub const ALLOW_ROUTE_OVERLAP: &str = "weft.allow-route-overlap";
 const GENERIC: &str = "com.docker.network.generic";
 const INTERNAL: &str = "com.docker.network.internal";
 const ENABLE_IPV6: &str = "com.docker.network.enable_ipv6";
@@ -17,6 +18,8 @@ pub struct NetworkOptions {
     pub name: Option<String>,
     pub internal: bool,
     pub ipv6: bool,
+    /// Use a subnet even though a route of the host that weft did not add overlaps it.
+    pub allow_route_overlap: bool,
 }
 
 /// Docker sends booleans as JSON booleans, but be lenient with strings.
@@ -68,9 +71,20 @@ impl NetworkOptions {
                     }
                     out.name = Some(text);
                 }
+                ALLOW_ROUTE_OVERLAP => {
+                    out.allow_route_overlap = match text.as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(DriverError::Invalid(format!(
+                                "-o {ALLOW_ROUTE_OVERLAP}={text:?}: expected true or false"
+                            )))
+                        }
+                    }
+                }
                 k if k.starts_with("weft.") => {
                     return Err(DriverError::Invalid(format!(
-                        "unknown option -o {k} (weft knows {MTU_WEFT}, {MTU_DOCKER} and {NETWORK_NAME})"
+                        "unknown option -o {k} (weft knows {MTU_WEFT}, {MTU_DOCKER}, {NETWORK_NAME} and {ALLOW_ROUTE_OVERLAP})"
                     )))
                 }
                 // Options meant for other tools (or daemon-wide defaults) are not ours to refuse.
@@ -103,7 +117,7 @@ mod tests {
         let o = NetworkOptions::parse(&opts(json!({
             "com.docker.network.enable_ipv6": false,
             "com.docker.network.internal": true,
-            "com.docker.network.generic": {"weft.mtu": "1400", "com.docker.network.driver.mtu": "1400", "weft.network": "blue", "other": "x"}
+            "com.docker.network.generic": {"weft.mtu": "1400", "com.docker.network.driver.mtu": "1400", "weft.network": "blue", "weft.allow-route-overlap": "true", "other": "x"}
         })))
         .unwrap();
         assert_eq!(
@@ -112,7 +126,8 @@ mod tests {
                 mtu: Some(1400),
                 name: Some("blue".into()),
                 internal: true,
-                ipv6: false
+                ipv6: false,
+                allow_route_overlap: true,
             }
         );
     }

@@ -416,3 +416,36 @@ async fn never_joined_endpoints_are_collected_after_the_grace() {
         ["10.42.0.6"]
     );
 }
+
+#[tokio::test]
+async fn a_subnet_over_a_route_weft_did_not_add_is_refused_unless_allowed() {
+    let (d, fake, _) = setup();
+    fake.with(|s| s.host_routes = vec!["10.99.0.0/24".parse().unwrap()]);
+    let err = d
+        .create_network(create_req(NET, "10.99.0.0/16", json!({}), false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DriverError::Conflict(m) if m.contains("overlaps the host's route 10.99.0.0/24")),
+        "{err}"
+    );
+    assert!(d.networks().await.unwrap().is_empty());
+    d.create_network(create_req(
+        NET,
+        "10.99.0.0/16",
+        json!({"weft.allow-route-overlap": "true"}),
+        false,
+    ))
+    .await
+    .expect("forced");
+    let bad = d
+        .create_network(create_req(
+            &NET.replace("01", "02"),
+            "10.98.0.0/16",
+            json!({"weft.allow-route-overlap": "maybe"}),
+            false,
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(bad, DriverError::Invalid(_)), "{bad}");
+}

@@ -193,6 +193,24 @@ test_automatic_subnet() {
   D network rm auto >/dev/null
 }
 
+# The host boundary, item 4: a subnet that overlaps a route weft did not add is refused
+# with a clear error; forced with -o weft.allow-route-overlap=true, weft neither replaces
+# nor deletes that route.
+test_a_subnet_over_a_host_route_is_refused_and_the_route_is_never_touched() {
+  trap 'HX ip route del 10.99.0.0/24 via 192.0.2.1 2>/dev/null || true; D network rm over >/dev/null 2>&1 || true' EXIT
+  HX ip route add 10.99.0.0/24 via 192.0.2.1
+  local out
+  out=$(D network create -d weft --ipam-driver weft --subnet 10.99.0.0/24 over 2>&1) &&
+    fail "a subnet over the host's route 10.99.0.0/24 was accepted"
+  echo "$out" | grep -q "overlaps the host's route 10.99.0.0/24" || fail "unclear error: $out"
+  D network create -d weft --ipam-driver weft --subnet 10.99.0.0/24 -o weft.allow-route-overlap=true over >/dev/null
+  [ "$(HX ip -o route show 10.99.0.0/24)" = "10.99.0.0/24 via 192.0.2.1 dev eth0 " ] ||
+    fail "the host's route was replaced: $(HX ip -o route show 10.99.0.0/24)"
+  D network rm over >/dev/null
+  [ "$(HX ip -o route show 10.99.0.0/24)" = "10.99.0.0/24 via 192.0.2.1 dev eth0 " ] ||
+    fail "network rm took the host's route: '$(HX ip -o route show 10.99.0.0/24)'"
+}
+
 test_sigterm_removes_the_socket_and_a_stale_one_is_replaced() {
   lab_weft_stop $H TERM
   HX test -e /run/docker/plugins/weft.sock && fail "socket left after SIGTERM"
@@ -221,6 +239,7 @@ main() {
     test_reconcile_repairs_removed_routes_and_rules \
     test_dockerd_restart \
     test_automatic_subnet \
+    test_a_subnet_over_a_host_route_is_refused_and_the_route_is_never_touched \
     test_sigterm_removes_the_socket_and_a_stale_one_is_replaced \
     test_removal_leaves_nothing_behind; do
     run_test "$t"
