@@ -137,9 +137,13 @@ pub struct ClusterConfig {
     #[arg(long, env = "WEFT_ETCD_USER")]
     pub etcd_user: Option<String>,
 
-    /// etcd password (prefer the environment variable; it is never logged).
+    /// etcd password (prefer the environment variable or the file; it is never logged).
     #[arg(long, env = "WEFT_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
+
+    /// File holding the etcd password (keeps it out of argv and the environment).
+    #[arg(long, env = "WEFT_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 
     /// Seconds any etcd call may take before it fails.
     #[arg(long, env = "WEFT_ETCD_TIMEOUT", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
@@ -200,17 +204,64 @@ impl ClusterConfig {
             .map(|k| Duration::from_secs(2 * u64::from(k) + 1))
     }
 
-    pub fn etcd(&self) -> crate::store::etcd::EtcdConfig {
-        crate::store::etcd::EtcdConfig {
+    pub fn etcd(&self) -> anyhow::Result<crate::store::etcd::EtcdConfig> {
+        Ok(crate::store::etcd::EtcdConfig {
             endpoints: self.etcd_endpoints.clone(),
             prefix: self.etcd_prefix.clone(),
             ca: self.etcd_ca.clone(),
             cert: self.etcd_cert.clone(),
             key: self.etcd_key.clone(),
             user: self.etcd_user.clone(),
-            password: self.etcd_password.clone(),
+            password: self.password()?,
             timeout: Duration::from_secs(self.etcd_timeout),
+        })
+    }
+
+    /// The etcd password, from the flag or environment variable or from the file
+    /// (trailing newline trimmed); both at once is an error.
+    pub fn password(&self) -> anyhow::Result<Option<String>> {
+        use anyhow::Context;
+        match (&self.etcd_password, &self.etcd_password_file) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "give the etcd password with --etcd-password or --etcd-password-file, not both"
+            ),
+            (Some(p), None) => Ok(Some(p.clone())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("reading the etcd password file {}", path.display())
+                })?;
+                Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+            }
+            (None, None) => Ok(None),
         }
+    }
+
+    /// Endpoints that anyone on the network could write weft's state through: plain
+    /// HTTP, no user, and not on the loopback interface.
+    pub fn open_etcd_endpoints(&self) -> Vec<String> {
+        if self.etcd_user.is_some() {
+            return Vec::new();
+        }
+        self.etcd_endpoints
+            .iter()
+            .filter(|e| {
+                let Some(rest) = e.strip_prefix("http://") else {
+                    return false;
+                };
+                let host = rest.split(['/']).next().unwrap_or_default();
+                let host = match host.rsplit_once(':') {
+                    Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                    _ => host,
+                };
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let loopback = host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                !loopback
+            })
+            .cloned()
+            .collect()
     }
 }
 
@@ -223,5 +274,53 @@ pub enum LogFormat {
 impl DaemonConfig {
     pub fn reconcile_every(&self) -> Duration {
         Duration::from_secs(self.reconcile_interval)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(args: &[&str]) -> ClusterConfig {
+        let mut argv = vec!["weft", "daemon"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Daemon(config) => config.cluster,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_http_etcd_without_a_user_off_loopback_is_flagged() {
+        let c = cluster(&[
+            "--etcd-endpoints",
+            "http://192.0.2.1:2379,http://127.0.0.1:2379,http://localhost:2379,https://etcd:2379,http://[::1]:2379",
+        ]);
+        assert_eq!(c.open_etcd_endpoints(), ["http://192.0.2.1:2379"]);
+        let with_user = cluster(&[
+            "--etcd-endpoints",
+            "http://192.0.2.1:2379",
+            "--etcd-user",
+            "weft",
+        ]);
+        assert!(with_user.open_etcd_endpoints().is_empty());
+    }
+
+    #[test]
+    fn the_password_comes_from_the_flag_or_the_file_not_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let path = file.to_str().unwrap();
+        let from_file = cluster(&["--etcd-password-file", path]);
+        assert_eq!(from_file.password().unwrap().as_deref(), Some("s3cret"));
+        let both = cluster(&["--etcd-password", "x", "--etcd-password-file", path]);
+        assert!(both
+            .password()
+            .unwrap_err()
+            .to_string()
+            .contains("not both"));
+        let missing = cluster(&["--etcd-password-file", "/nonexistent/pw"]);
+        assert!(missing.password().is_err());
     }
 }

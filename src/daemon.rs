@@ -143,7 +143,14 @@ async fn connect_cluster(
     datapath: &Arc<dyn Datapath>,
 ) -> anyhow::Result<Cluster> {
     let cluster = &config.cluster;
-    let etcd = EtcdStore::connect(&cluster.etcd())
+    let open = cluster.open_etcd_endpoints();
+    if !open.is_empty() {
+        warn!(
+            endpoints = ?open,
+            "etcd over plain HTTP without authentication: anyone who can reach it can rewrite weft's state and redirect traffic; use TLS and a user outside a lab (docs/security.md)"
+        );
+    }
+    let etcd = EtcdStore::connect(&cluster.etcd()?)
         .await
         .context("connecting to etcd")?;
     let underlay_mtu = datapath.underlay_mtu().await?;

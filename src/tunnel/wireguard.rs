@@ -325,3 +325,40 @@ impl Tunnel for WireGuard {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The userspace implementation is a child of weft: it must not see weft's secrets.
+    #[tokio::test]
+    async fn the_userspace_wireguard_does_not_inherit_the_etcd_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("environ");
+        let fake = dir.path().join("fake-wireguard");
+        std::fs::write(&fake, format!("#!/bin/sh\nenv > {}\n", seen.display())).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Only this test reads the variable; the child inherits the process environment.
+        std::env::set_var("WEFT_ETCD_PASSWORD", "s3cret");
+        let wg = WireGuard::new(
+            WireGuardConfig {
+                interface: "wgtest0".into(),
+                listen_port: 51820,
+                mtu: 1420,
+                mode: Mode::Userspace,
+                userspace_binary: fake.to_str().unwrap().into(),
+                log_file: dir.path().join("log"),
+            },
+            Key::generate_private(),
+        )
+        .unwrap();
+        wg.start_userspace().await.unwrap();
+        let environ = std::fs::read_to_string(&seen).unwrap();
+        assert!(environ.contains("PATH="), "the fake ran: {environ}");
+        assert!(
+            !environ.contains("s3cret"),
+            "the password leaked to the child"
+        );
+    }
+}
