@@ -16,7 +16,8 @@ use tracing::{debug, info, warn};
 use crate::cluster::{HostRecord, Tenure};
 use crate::datapath::{Datapath, DatapathError};
 use crate::ipam::Blocks;
-use crate::store::{keys, Store, StoreError};
+use crate::schema::keys;
+use crate::store::{Store, StoreError, StoreExt};
 use crate::tunnel::{Peer, PeerDiff, Tunnel, TunnelError};
 
 #[derive(Debug, thiserror::Error)]
@@ -185,17 +186,19 @@ impl Mesh {
     /// The live hosts; records that do not decode (or whose key and id disagree) are
     /// skipped with a warning and returned apart.
     pub async fn hosts_checked(&self) -> Result<(Vec<HostRecord>, Vec<String>), MeshError> {
+        let (records, mut skipped) = self
+            .cluster
+            .list_json_lossy::<HostRecord>(keys::HOSTS)
+            .await?;
         let mut good = Vec::new();
-        let mut skipped = Vec::new();
-        for (key, v) in self.cluster.list(keys::HOSTS).await? {
-            let decoded = serde_json::from_slice::<HostRecord>(&v.value).ok();
-            match (crate::schema::Key::parse(&key), decoded) {
-                (Ok(crate::schema::Key::Host(id)), Some(h)) if h.id == id => good.push(h),
-                _ => {
-                    warn!(%key, "skipping a host record that does not decode");
-                    skipped.push(format!("{key}: does not decode"));
-                }
+        for (key, rec) in records {
+            match crate::schema::Key::parse(&key) {
+                Ok(crate::schema::Key::Host(id)) if rec.value.id == id => good.push(rec.value),
+                _ => skipped.push(format!("{key}: key and record disagree")),
             }
+        }
+        for record in &skipped {
+            warn!(%record, "skipping a bad host record");
         }
         Ok((good, skipped))
     }
@@ -322,7 +325,6 @@ mod tests {
     use crate::datapath::fake::FakeDatapath;
     use crate::schema::{BlockRecord, PoolRecord};
     use crate::store::embedded::EmbeddedStore;
-    use crate::store::StoreExt;
     use crate::tunnel::fake::FakeTunnel;
 
     /// A pool record for `pool` with /26 blocks, so that its blocks are valid.

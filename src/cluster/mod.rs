@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use crate::schema::keys;
 pub use crate::schema::{unix_now, HostRecord, SeenRecord};
-use crate::store::keys;
 
 /// This host's standing in the cluster store, on its own monotonic clock.
 ///

@@ -17,8 +17,9 @@ use crate::datapath::{
     link_names, Datapath, DatapathError, DesiredState, EndpointSpec, NetworkSpec,
 };
 use crate::protocol::network as proto;
+use crate::schema::keys;
 use crate::schema::unix_now;
-use crate::store::{keys, Store, StoreError, StoreExt};
+use crate::store::{Store, StoreError, StoreExt};
 
 pub use crate::schema::{EndpointRecord, NetworkRecord, OverlayRecord};
 pub use options::NetworkOptions;

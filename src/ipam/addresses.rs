@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 
 use super::{allocator, Ipam, IpamError};
-use crate::schema::{unix_now, AddressRecord, Key, PoolRecord};
-use crate::store::{keys, StoreError, StoreExt, CAS_RETRIES};
+use crate::schema::{keys, unix_now, AddressRecord, Key, PoolRecord};
+use crate::store::{StoreError, StoreExt, CAS_RETRIES};
 
 impl Ipam {
     pub(super) async fn local_addresses(

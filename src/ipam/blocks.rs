@@ -74,6 +74,16 @@ impl Blocks {
         &self.host
     }
 
+    /// The cluster records under `prefix` that decode; the others are logged and left out.
+    async fn lossy<T: serde::de::DeserializeOwned + Send>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, crate::store::Record<T>)>, StoreError> {
+        let (good, bad) = self.cluster.list_json_lossy::<T>(prefix).await?;
+        warn_skipped(&bad);
+        Ok(good)
+    }
+
     /// Every block of `pool` with its owner. Keys that do not decode are skipped.
     pub async fn of_pool(
         &self,
@@ -96,12 +106,10 @@ impl Blocks {
         &self,
     ) -> Result<(Vec<(Ipv4Network, Ipv4Network, String)>, Vec<String>), StoreError> {
         let pools: BTreeMap<Ipv4Network, PoolRecord> = self
-            .cluster
-            .list(keys::POOLS)
+            .lossy::<PoolRecord>(keys::POOLS)
             .await?
             .into_iter()
-            .filter_map(|(_, v)| serde_json::from_slice::<PoolRecord>(&v.value).ok())
-            .map(|p| (p.pool, p))
+            .map(|(_, r)| (r.value.pool, r.value))
             .collect();
         let mut good = Vec::new();
         let mut skipped = Vec::new();
@@ -199,13 +207,17 @@ impl Blocks {
     pub async fn verify(&self) -> Result<Verified, IpamError> {
         let generation = self.tenure.generation();
         let mut held: BTreeMap<(Ipv4Network, Ipv4Network), Vec<Ipv4Addr>> = BTreeMap::new();
-        for (key, v) in self.local.list(keys::ADDRESSES).await? {
-            let rec = serde_json::from_slice::<AddressRecord>(&v.value);
-            match (Key::parse(&key), rec) {
-                (Ok(Key::Address { pool, ip }), Ok(rec)) => {
-                    held.entry((pool, rec.block)).or_default().push(ip)
+        let (addresses, bad) = self
+            .local
+            .list_json_lossy::<AddressRecord>(keys::ADDRESSES)
+            .await?;
+        warn_skipped(&bad);
+        for (key, rec) in addresses {
+            match Key::parse(&key) {
+                Ok(Key::Address { pool, ip }) => {
+                    held.entry((pool, rec.value.block)).or_default().push(ip)
                 }
-                _ => warn!(%key, "skipping an address record that does not decode"),
+                _ => warn!(%key, "skipping an address record whose key does not decode"),
             }
         }
         let mut report = Verified::default();
@@ -324,7 +336,7 @@ impl Blocks {
                 reclaimed += 1;
             }
         }
-        for (key, rec) in decoded::<PoolRecord>(self.cluster.list(keys::POOLS).await?) {
+        for (key, rec) in self.lossy::<PoolRecord>(keys::POOLS).await? {
             let p = &rec.value;
             let stale_refs = p.refs.keys().any(|h| gone(h));
             let stale_aux = p.aux.values().flatten().any(|h| gone(h));
@@ -349,7 +361,7 @@ impl Blocks {
                 info!(pool = %p.pool, "removed the references of hosts gone longer than the grace period");
             }
         }
-        for (key, rec) in decoded::<OverlayRecord>(self.cluster.list(keys::OVERLAYS).await?) {
+        for (key, rec) in self.lossy::<OverlayRecord>(keys::OVERLAYS).await? {
             if !rec.value.hosts.iter().any(|h| gone(h)) {
                 continue;
             }
@@ -365,25 +377,10 @@ impl Blocks {
     }
 }
 
-/// The records of `list` that decode; the others are skipped with a warning.
-fn decoded<T: serde::de::DeserializeOwned>(
-    list: Vec<(String, crate::store::Versioned)>,
-) -> Vec<(String, crate::store::Record<T>)> {
-    list.into_iter()
-        .filter_map(|(key, v)| match serde_json::from_slice::<T>(&v.value) {
-            Ok(value) => Some((
-                key,
-                crate::store::Record {
-                    value,
-                    revision: v.revision,
-                },
-            )),
-            Err(_) => {
-                warn!(%key, "skipping a record that does not decode");
-                None
-            }
-        })
-        .collect()
+fn warn_skipped(bad: &[String]) {
+    for record in bad {
+        warn!(%record, "skipping a record that does not decode");
+    }
 }
 
 fn decode_block(key: &str, value: &[u8]) -> Option<(Ipv4Network, Ipv4Network, String)> {

@@ -20,8 +20,9 @@ use tokio::sync::Mutex;
 use tracing::{info, instrument, warn};
 
 use crate::datapath::Datapath;
+use crate::schema::keys;
 pub use crate::schema::{AddressRecord, BlockRecord, NetworkRecord, PoolRecord};
-use crate::store::{keys, Store, StoreError, StoreExt};
+use crate::store::{Store, StoreError, StoreExt};
 
 pub use blocks::{BlockConflict, Blocks, Verified};
 

@@ -7,8 +7,9 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 
 use super::{allocator, Ipam, IpamError, BLOCK_SIZE_OPTION};
+use crate::schema::keys;
 use crate::schema::{NetworkRecord, PoolRecord};
-use crate::store::{keys, StoreExt};
+use crate::store::StoreExt;
 
 impl Ipam {
     pub(super) fn block_prefix(&self, options: &BTreeMap<String, String>) -> Result<u8, IpamError> {

@@ -9,7 +9,6 @@
 pub mod contract;
 pub mod embedded;
 pub mod etcd;
-pub use crate::schema::keys;
 
 use async_trait::async_trait;
 use serde::{de::DeserializeOwned, Serialize};
@@ -105,6 +104,24 @@ pub trait StoreExt: Store {
             .into_iter()
             .map(|(k, v)| decode(&k, v).map(|r| (k, r)))
             .collect()
+    }
+
+    /// Like [`StoreExt::list_json`], but a record that does not decode is left out and
+    /// named in the second list ("key: does not decode") instead of failing the whole
+    /// listing: one bad record must never stop a pass that reads many.
+    async fn list_json_lossy<T: DeserializeOwned + Send>(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<(String, Record<T>)>, Vec<String>), StoreError> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for (key, v) in self.list(prefix).await? {
+            match decode(&key, v) {
+                Ok(rec) => good.push((key, rec)),
+                Err(_) => bad.push(format!("{key}: does not decode")),
+            }
+        }
+        Ok((good, bad))
     }
 
     async fn create_json<T: Serialize + Sync>(
