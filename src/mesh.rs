@@ -236,8 +236,14 @@ impl Mesh {
         let (blocks, bad_blocks) = self.blocks.all_checked().await?;
         skipped.extend(bad_blocks);
         *self.skipped.lock().unwrap_or_else(|p| p.into_inner()) = skipped;
-        let blocks: Vec<(Ipv4Network, String)> =
-            blocks.into_iter().map(|(_, b, owner)| (b, owner)).collect();
+        // A host's reserved addresses in blocks it lost are its own, as /32s: more
+        // specific than the block's route and allowed-ips, so they reach its containers.
+        let reserved = self.reserved_routes().await?;
+        let blocks: Vec<(Ipv4Network, String)> = blocks
+            .into_iter()
+            .map(|(_, b, owner)| (b, owner))
+            .chain(reserved)
+            .collect();
         let (peers, routes) = desired_peers(&self.host, &hosts, &blocks);
         let diff = self.tunnel.apply_peers(&peers).await?;
         self.datapath
@@ -252,6 +258,21 @@ impl Mesh {
             );
         }
         Ok((diff, next_stale))
+    }
+
+    /// Every reserved address, as a /32 of the host it is reserved for.
+    async fn reserved_routes(&self) -> Result<Vec<(Ipv4Network, String)>, MeshError> {
+        Ok(self
+            .blocks
+            .reservations_checked()
+            .await?
+            .into_iter()
+            .flat_map(|r| {
+                r.addresses
+                    .into_iter()
+                    .map(move |ip| (Ipv4Network::from(ip), r.host.clone()))
+            })
+            .collect())
     }
 
     /// Asks for a pass now (e.g. after this host claimed a block).
@@ -412,7 +433,7 @@ mod tests {
         let block = "10.42.0.64/26".parse().unwrap();
         seed_pool(&store, pool).await;
         store
-            .create_json(&keys::block(pool, block), &BlockRecord { host: "b".into() })
+            .create_json(&keys::block(pool, block), &BlockRecord::of("b"))
             .await
             .unwrap()
             .unwrap();
@@ -432,6 +453,52 @@ mod tests {
         );
     }
 
+    /// Addresses reserved for b in a block a took from it are routed to b as /32s
+    /// (more specific than the block), and only while b is live.
+    #[tokio::test]
+    async fn reserved_addresses_are_routed_to_their_host() {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let tunnel = Arc::new(FakeTunnel::default());
+        let (mesh, dp) = mesh_of(&store, &tunnel);
+        seed_hosts(&store).await;
+        let pool = "10.42.0.0/16".parse().unwrap();
+        let block = "10.42.0.0/26".parse().unwrap();
+        seed_pool(&store, pool).await;
+        store
+            .create_json(&keys::block(pool, block), &BlockRecord::of("a"))
+            .await
+            .unwrap();
+        let reserved = crate::schema::ReservedRecord {
+            addresses: ["10.42.0.2".parse().unwrap(), "10.42.0.3".parse().unwrap()].into(),
+        };
+        store
+            .put_expiring_json(
+                &keys::reserved(pool, block, "b"),
+                &reserved,
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        mesh.reconcile().await.unwrap();
+        let b_allowed = |t: &FakeTunnel| -> Vec<String> {
+            t.peers.lock().unwrap()[0]
+                .allowed_ips
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        };
+        assert_eq!(b_allowed(&tunnel), ["10.42.0.2/32", "10.42.0.3/32"]);
+        let routes: Vec<String> =
+            dp.with(|s| s.tunnel_routes.iter().map(|r| r.to_string()).collect());
+        assert_eq!(routes, ["10.42.0.2/32", "10.42.0.3/32"]);
+        store.delete(&keys::host("b"), None).await.unwrap();
+        mesh.reconcile().await.unwrap();
+        assert!(
+            dp.with(|s| s.tunnel_routes.is_empty()),
+            "not routed to a host that is not live"
+        );
+    }
+
     #[tokio::test]
     async fn a_host_whose_lease_expired_stays_while_its_traffic_arrives() {
         let store = Arc::new(EmbeddedStore::in_memory());
@@ -443,7 +510,7 @@ mod tests {
         let block = "10.42.0.64/26".parse().unwrap();
         seed_pool(&store, pool).await;
         store
-            .create_json(&keys::block(pool, block), &BlockRecord { host: "b".into() })
+            .create_json(&keys::block(pool, block), &BlockRecord::of("b"))
             .await
             .unwrap();
         let heard_from_b = |bytes: u64| {
@@ -507,7 +574,7 @@ mod tests {
         seed_pool(&store, pool).await;
         let good: Ipv4Network = "10.42.0.64/26".parse().unwrap();
         store
-            .create_json(&keys::block(pool, good), &BlockRecord { host: "b".into() })
+            .create_json(&keys::block(pool, good), &BlockRecord::of("b"))
             .await
             .unwrap();
         // A host record that does not parse, a forged /16 in no pool, a block of the

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{Driver, DriverError};
-use crate::ipam::{BlockConflict, Blocks};
+use crate::ipam::{BlockConflict, Blocks, Reservation};
 use crate::mesh::Mesh;
 
 pub struct StatusSource {
@@ -28,6 +28,10 @@ pub struct Status {
     /// address comes from them here until the conflict is resolved.
     #[serde(default)]
     pub conflicts: Vec<BlockConflict>,
+    /// Addresses reserved for containers of hosts in blocks those hosts lost (to a
+    /// reclaim while they were cut off): nobody hands them out.
+    #[serde(default)]
+    pub reservations: Vec<Reservation>,
     /// Cluster records the mesh skipped because they are bad ("key: why").
     #[serde(default)]
     pub skipped_records: Vec<String>,
@@ -143,6 +147,13 @@ impl StatusSource {
                 Err(e) => errors.push(format!("hosts: {e}")),
             }
         }
+        let reservations = match self.blocks.reservations_checked().await {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(format!("reservations: {e}"));
+                Vec::new()
+            }
+        };
         Ok(Status {
             mode: if self.mesh.is_some() {
                 "multi-host (etcd, WireGuard)"
@@ -156,10 +167,20 @@ impl StatusSource {
             networks,
             endpoints,
             conflicts: self.blocks.conflicts(),
+            reservations,
             skipped_records: self.mesh.as_ref().map(|m| m.skipped()).unwrap_or_default(),
             errors,
         })
     }
+}
+
+/// Addresses separated by spaces.
+fn spaced<'a>(addresses: impl IntoIterator<Item = &'a std::net::Ipv4Addr>) -> String {
+    addresses
+        .into_iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Renders a status for people.
@@ -233,11 +254,16 @@ pub fn render(s: &Status) -> String {
             c.block,
             c.pool,
             c.owner,
-            c.addresses
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
+            spaced(&c.addresses)
+        );
+    }
+    for r in &s.reservations {
+        let _ = writeln!(
+            out,
+            "\nreserved for host {} in block {}: {}",
+            r.host,
+            r.block,
+            spaced(&r.addresses)
         );
     }
     for r in &s.skipped_records {

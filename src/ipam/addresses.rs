@@ -54,7 +54,8 @@ impl Ipam {
             )));
         }
         let block = allocator::block_of(pool.pool, pool.block_prefix, ip);
-        self.blocks.own(pool.pool, block).await?;
+        let taken = self.local_addresses(pool.pool).await?;
+        self.blocks.own(pool, block, ip, &taken).await?;
         if !self.record_address(pool.pool, block, ip).await? {
             return Err(IpamError::Conflict(format!(
                 "address {ip} is already in use"
@@ -66,8 +67,8 @@ impl Ipam {
     pub(super) async fn allocate_dynamic(&self, pool: &PoolRecord) -> Result<Ipv4Addr, IpamError> {
         let range = pool.range();
         let reserved = pool.reserved();
-        // Fast path, local store only: a free address in a block this host already
-        // holds addresses in, while its blocks are certainly still its own in etcd
+        // Fast path, local store only: an address this host has published in a block
+        // it holds addresses in, while its blocks are certainly still its own in etcd
         // (its seen/ lease is alive) and the block is not in conflict.
         let held = self
             .local
@@ -81,34 +82,57 @@ impl Ipam {
             })
             .collect();
         let owned: BTreeSet<Ipv4Network> = held.iter().map(|(_, r)| r.value.block).collect();
-        for block in owned
-            .into_iter()
-            .filter(|b| allocator::overlaps(*b, range) && self.blocks.usable_locally(*b))
-        {
-            if let Some(ip) = allocator::first_free(pool.pool, block, range, &taken, &reserved) {
+        for block in owned.into_iter().filter(|b| allocator::overlaps(*b, range)) {
+            if let Some(ip) = self.blocks.published_free(pool, block, &taken) {
                 if self.record_address(pool.pool, block, ip).await? {
                     return Ok(ip);
                 }
             }
         }
-        // Otherwise the cluster store says which blocks are this host's.
+        // Otherwise the cluster store says which blocks are this host's, what is
+        // reserved in them, and gets the address published before it is handed out.
         for _ in 0..CAS_RETRIES {
             let taken = self.local_addresses(pool.pool).await?;
-            let blocks = self
+            let owners = self
                 .blocks
                 .of_pool(pool.pool)
                 .await
                 .map_err(unreachable_owner)?;
-            let mine = blocks
+            let reservations = self
+                .blocks
+                .reserved_in_pool(pool.pool)
+                .await
+                .map_err(unreachable_owner)?;
+            let excluded = |block: Ipv4Network| -> BTreeSet<Ipv4Addr> {
+                let mut out = reserved.clone();
+                out.extend(reservations.get(&block).into_iter().flatten());
+                out
+            };
+            let mine = owners
                 .iter()
                 .filter(|(b, owner)| **owner == self.host && allocator::overlaps(**b, range))
                 .map(|(b, _)| *b);
             let free_in_mine = mine.into_iter().find_map(|b| {
-                allocator::first_free(pool.pool, b, range, &taken, &reserved).map(|ip| (b, ip))
+                allocator::first_free(pool.pool, b, range, &taken, &excluded(b)).map(|ip| (b, ip))
             });
             let (block, ip) = match free_in_mine {
-                Some(found) => found,
-                None => match self.blocks.claim_free(pool, &blocks, &taken, &reserved).await? {
+                Some((block, ip)) => {
+                    match self
+                        .blocks
+                        .publish(pool, block, ip, &taken, &excluded(block))
+                        .await
+                    {
+                        Ok(()) => (block, ip),
+                        // The block changed hands meanwhile: look again.
+                        Err(IpamError::Conflict(_)) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                None => match self
+                    .blocks
+                    .claim_free(pool, &owners, &taken, excluded)
+                    .await?
+                {
                     Some(found) => found,
                     None => {
                         return Err(IpamError::Exhausted(format!(
@@ -180,7 +204,7 @@ impl Ipam {
 fn unreachable_owner(e: StoreError) -> IpamError {
     match e {
         StoreError::Unavailable(why) => IpamError::Store(StoreError::Unavailable(format!(
-            "{why} (this host has been cut off from the cluster store for longer than it may hand out addresses on its own)"
+            "{why} (this host is cut off from the cluster store and has handed out every address it published for use offline, or has been cut off for longer than it may hand out addresses on its own)"
         ))),
         other => other.into(),
     }

@@ -57,14 +57,23 @@ pub fn first_free(
     taken: &BTreeSet<Ipv4Addr>,
     reserved: &BTreeSet<Ipv4Addr>,
 ) -> Option<Ipv4Addr> {
+    free(pool, block, range, taken, reserved).next()
+}
+
+/// Every address of `block ∩ range` that is a host address of `pool` and is neither
+/// taken nor reserved, in order.
+pub fn free<'a>(
+    pool: Ipv4Network,
+    block: Ipv4Network,
+    range: Ipv4Network,
+    taken: &'a BTreeSet<Ipv4Addr>,
+    reserved: &'a BTreeSet<Ipv4Addr>,
+) -> impl Iterator<Item = Ipv4Addr> + 'a {
     let lo = u32::from(block.network()).max(u32::from(range.network()));
     let hi = u32::from(block.broadcast()).min(u32::from(range.broadcast()));
-    if lo > hi {
-        return None;
-    }
-    (lo..=hi)
-        .map(Ipv4Addr::from)
-        .find(|ip| is_host_address(pool, *ip) && !taken.contains(ip) && !reserved.contains(ip))
+    (lo..=hi).map(Ipv4Addr::from).filter(move |ip| {
+        is_host_address(pool, *ip) && !taken.contains(ip) && !reserved.contains(ip)
+    })
 }
 
 /// The conventional default gateway: the first host address of the pool.

@@ -24,7 +24,7 @@ use crate::schema::keys;
 pub use crate::schema::{AddressRecord, BlockRecord, NetworkRecord, PoolRecord};
 use crate::store::{Store, StoreError, StoreExt};
 
-pub use blocks::{BlockConflict, Blocks, Verified};
+pub use blocks::{BlockConflict, Blocks, Reservation, Verified, HEADROOM};
 
 pub const LOCAL_ADDRESS_SPACE: &str = "weft-local";
 pub const GLOBAL_ADDRESS_SPACE: &str = "weft-global";

@@ -445,10 +445,19 @@ impl Store for Switchable {
         self.check()?;
         self.inner.delete(key, expected).await
     }
+    async fn put_expiring(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.put_expiring(key, value, ttl).await
+    }
 }
 
-#[tokio::test]
-async fn owned_blocks_serve_containers_while_the_cluster_store_is_down() {
+/// Host h1 on a cluster store that can be switched off.
+fn host_on_switchable_store() -> (Arc<Switchable>, Host) {
     let cluster = Arc::new(Switchable {
         inner: EmbeddedStore::in_memory(),
         down: Default::default(),
@@ -465,6 +474,12 @@ async fn owned_blocks_serve_containers_while_the_cluster_store_is_down() {
         ipam: Arc::new(ipam),
         local,
     };
+    (cluster, h)
+}
+
+#[tokio::test]
+async fn owned_blocks_serve_containers_while_the_cluster_store_is_down() {
+    let (cluster, h) = host_on_switchable_store();
     let id = pool_id(&h, "10.42.0.0/24", "").await;
     h.ipam.request_address(&id, "", &gw()).await.unwrap();
     attach_network(&h, "10.42.0.0/24").await;
@@ -541,7 +556,7 @@ async fn release_pool_releases_only_this_hosts_blocks() {
     cluster
         .create_json(
             &keys::block(pool_of("10.42.0.0/24"), theirs),
-            &BlockRecord { host: "h2".into() },
+            &BlockRecord::of("h2"),
         )
         .await
         .unwrap();
@@ -580,10 +595,7 @@ async fn a_block_another_host_owns_is_a_conflict_and_serves_no_address() {
         .await
         .unwrap();
     cluster
-        .create_json(
-            &keys::block(pool, block),
-            &BlockRecord { host: "h2".into() },
-        )
+        .create_json(&keys::block(pool, block), &BlockRecord::of("h2"))
         .await
         .unwrap();
     let found = h1.ipam.blocks().verify().await.unwrap();
@@ -674,10 +686,7 @@ async fn seed_gone_host(cluster: &Arc<EmbeddedStore>) -> Ipv4Network {
         ("gone", "10.42.0.192/26"),
     ] {
         cluster
-            .create_json(
-                &keys::block(pool, pool_of(block)),
-                &BlockRecord { host: owner.into() },
-            )
+            .create_json(&keys::block(pool, pool_of(block)), &BlockRecord::of(owner))
             .await
             .unwrap();
     }
@@ -820,4 +829,164 @@ async fn addresses_no_endpoint_used_past_the_grace_are_collected() {
         .await
         .expect("the collected address is free again");
     assert_eq!(again.ip(), lost);
+}
+
+/// A host gone past the grace period (cut off, its containers still running) loses
+/// its block, but what it published there stays reserved: the host that takes the
+/// block hands none of it out, the returning host narrows the reservation to what it
+/// still uses and gives it up when its containers are gone.
+#[tokio::test]
+async fn a_reclaimed_blocks_published_addresses_stay_reserved_for_their_host() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let pool = pool_of("10.42.0.0/24");
+    let small_blocks = || pool_req("10.42.0.0/24", "", &[(BLOCK_SIZE_OPTION, "28")]);
+    let h2 = host(&cluster, "h2", vec![]);
+    let id = h2
+        .ipam
+        .request_pool(small_blocks())
+        .await
+        .unwrap()
+        .0
+        .to_string();
+    attach_network(&h2, "10.42.0.0/24").await;
+    let mut in_use = BTreeSet::new();
+    for _ in 0..3 {
+        in_use.insert(
+            h2.ipam
+                .request_address(&id, "", &none())
+                .await
+                .unwrap()
+                .ip(),
+        );
+    }
+    let block = pool_of("10.42.0.0/28");
+    let published = cluster
+        .get_json::<BlockRecord>(&keys::block(pool, block))
+        .await
+        .unwrap()
+        .unwrap()
+        .value
+        .published;
+    assert!(
+        in_use.is_subset(&published),
+        "{in_use:?} in use, {published:?} published"
+    );
+    // The claim published the first address and a headroom; the next two came from it.
+    assert_eq!(
+        published.len(),
+        1 + HEADROOM,
+        "the first address plus the headroom"
+    );
+
+    // h2 has no seen/ record: it is gone past the grace period. h1 reclaims its block.
+    let h1 = host(&cluster, "h1", vec![]);
+    h1.ipam.request_pool(small_blocks()).await.unwrap();
+    attach_network(&h1, "10.42.0.0/24").await;
+    assert_eq!(h1.ipam.blocks().reclaim(&[]).await.unwrap(), 1);
+    let reservations = h1.ipam.blocks().reservations().await.unwrap();
+    assert_eq!(reservations.len(), 1);
+    assert_eq!(
+        (reservations[0].host.as_str(), &reservations[0].addresses),
+        ("h2", &published)
+    );
+
+    // h1 needs addresses: it takes the reclaimed block, and never one h2 published.
+    let mut h1_in_block = 0;
+    for _ in 0..8 {
+        let ip = h1
+            .ipam
+            .request_address(&id, "", &none())
+            .await
+            .unwrap()
+            .ip();
+        assert!(
+            !published.contains(&ip),
+            "h1 handed out {ip}, reserved for h2"
+        );
+        h1_in_block += usize::from(block.contains(ip));
+    }
+    assert!(h1_in_block > 0, "h1 should have taken the reclaimed block");
+    let static_ip = *in_use.iter().next().unwrap();
+    assert!(
+        matches!(
+            h1.ipam
+                .request_address(&id, &static_ip.to_string(), &none())
+                .await,
+            Err(IpamError::Conflict(_))
+        ),
+        "a reserved address is refused as a static address too"
+    );
+
+    // h2 comes back: the block is h1's now; h2 reports it and reserves just what it uses.
+    let found = h2.ipam.blocks().verify().await.unwrap();
+    assert_eq!(found.conflicts, 1);
+    let mine = h2.ipam.blocks().reservations().await.unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(
+        mine[0].addresses, in_use,
+        "narrowed to the addresses still in use"
+    );
+    let next = h2
+        .ipam
+        .request_address(&id, "", &none())
+        .await
+        .unwrap()
+        .ip();
+    assert!(
+        !block.contains(next),
+        "h2 handed out {next} from the block it lost"
+    );
+
+    // h2's containers in the block go: so does its reservation.
+    for ip in &in_use {
+        h2.ipam.release_address(&id, &ip.to_string()).await.unwrap();
+    }
+    h2.ipam.blocks().verify().await.unwrap();
+    assert!(h2.ipam.blocks().reservations().await.unwrap().is_empty());
+    assert!(h2.ipam.blocks().conflicts().is_empty());
+}
+
+/// Offline, a host hands out only addresses it has published; beyond them it must
+/// reach the cluster store first, so a reclaim can never miss one of its addresses.
+#[tokio::test]
+async fn offline_a_host_hands_out_only_what_it_has_published() {
+    let (cluster, h) = host_on_switchable_store();
+    let id = pool_id(&h, "10.42.0.0/24", "").await;
+    attach_network(&h, "10.42.0.0/24").await;
+    let first = h.ipam.request_address(&id, "", &none()).await.unwrap().ip();
+    cluster
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut offline = BTreeSet::new();
+    let failure = loop {
+        match h.ipam.request_address(&id, "", &none()).await {
+            Ok(ip) => offline.insert(ip.ip()),
+            Err(e) => break e,
+        };
+        assert!(
+            offline.len() <= HEADROOM,
+            "handed out more than the headroom offline"
+        );
+    };
+    assert_eq!(
+        offline.len(),
+        HEADROOM,
+        "the whole headroom serves while offline"
+    );
+    assert!(failure.to_string().contains("cut off"), "{failure}");
+    cluster
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let published = cluster
+        .inner
+        .get_json::<BlockRecord>(&keys::block(
+            pool_of("10.42.0.0/24"),
+            pool_of("10.42.0.0/26"),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .value
+        .published;
+    assert!(published.contains(&first) && offline.is_subset(&published));
 }

@@ -2,7 +2,8 @@
 //! documented in `docs/etcd-schema.md` and `docs/architecture.md`). Keys are
 //! relative: a store may put them under a prefix.
 //!
-//! Cluster-wide (shared by hosts): `pools/`, `blocks/`, `hosts/`, `overlays/`, `seen/`.
+//! Cluster-wide (shared by hosts): `pools/`, `blocks/`, `reserved/`, `hosts/`,
+//! `overlays/`, `seen/`.
 //! Host-local: `networks/`, `endpoints/`, `addresses/`. CIDRs are written with `_`
 //! instead of `/` so that a key segment never contains a slash.
 
@@ -19,6 +20,7 @@ pub const ADDRESSES: &str = "addresses/";
 pub const HOSTS: &str = "hosts/";
 pub const OVERLAYS: &str = "overlays/";
 pub const SEEN: &str = "seen/";
+pub const RESERVED: &str = "reserved/";
 
 /// One stored key, decoded.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -27,6 +29,12 @@ pub enum Key {
     Block {
         pool: Ipv4Network,
         block: Ipv4Network,
+    },
+    /// Addresses of `host`'s containers kept in a block it no longer owns.
+    Reserved {
+        pool: Ipv4Network,
+        block: Ipv4Network,
+        host: String,
     },
     Overlay(Ipv4Network),
     Host(String),
@@ -53,12 +61,16 @@ impl Key {
         let parsed = match (kind, segments.as_slice()) {
             ("pools", [p]) => Key::Pool(parse_segment(p)?),
             ("blocks", [p, b]) => {
-                let pool = parse_segment(p)?;
-                let block = parse_segment(b)?;
-                if block.prefix() < pool.prefix() || !pool.contains(block.network()) {
-                    return Err(bad());
-                }
+                let (pool, block) = parse_block(p, b).ok_or_else(bad)?;
                 Key::Block { pool, block }
+            }
+            ("reserved", [p, b, id]) => {
+                let (pool, block) = parse_block(p, b).ok_or_else(bad)?;
+                Key::Reserved {
+                    pool,
+                    block,
+                    host: parse_id(id)?,
+                }
             }
             ("overlays", [s]) => Key::Overlay(parse_segment(s)?),
             ("hosts", [id]) => Key::Host(parse_id(id)?),
@@ -91,6 +103,12 @@ impl fmt::Display for Key {
                     cidr_segment(*block)
                 )
             }
+            Key::Reserved { pool, block, host } => write!(
+                f,
+                "{RESERVED}{}/{}/{host}",
+                cidr_segment(*pool),
+                cidr_segment(*block)
+            ),
             Key::Overlay(s) => write!(f, "{OVERLAYS}{}", cidr_segment(*s)),
             Key::Host(id) => write!(f, "{HOSTS}{id}"),
             Key::Seen(id) => write!(f, "{SEEN}{id}"),
@@ -117,6 +135,13 @@ fn parse_segment(seg: &str) -> Result<Ipv4Network, KeyError> {
     Ok(net)
 }
 
+/// A pool and one of its blocks (inside it, no larger).
+fn parse_block(pool: &str, block: &str) -> Option<(Ipv4Network, Ipv4Network)> {
+    let pool = parse_segment(pool).ok()?;
+    let block = parse_segment(block).ok()?;
+    (block.prefix() >= pool.prefix() && pool.contains(block.network())).then_some((pool, block))
+}
+
 fn parse_id(id: &str) -> Result<String, KeyError> {
     if id.is_empty() || id.contains('/') {
         return Err(KeyError(id.to_string()));
@@ -134,6 +159,20 @@ pub fn blocks_of(pool: Ipv4Network) -> String {
 
 pub fn block(pool: Ipv4Network, block: Ipv4Network) -> String {
     Key::Block { pool, block }.to_string()
+}
+
+/// The reservations in every block of `pool`.
+pub fn reserved_of_pool(pool: Ipv4Network) -> String {
+    format!("{RESERVED}{}/", cidr_segment(pool))
+}
+
+pub fn reserved(pool: Ipv4Network, block: Ipv4Network, host: &str) -> String {
+    Key::Reserved {
+        pool,
+        block,
+        host: host.to_string(),
+    }
+    .to_string()
 }
 
 pub fn overlay(subnet: Ipv4Network) -> String {
@@ -177,6 +216,11 @@ mod tests {
                 pool,
                 block: "10.42.0.64/26".parse().unwrap(),
             },
+            Key::Reserved {
+                pool,
+                block: "10.42.0.64/26".parse().unwrap(),
+                host: "ab12".into(),
+            },
             Key::Overlay(pool),
             Key::Host("ab12".into()),
             Key::Seen("ab12".into()),
@@ -202,6 +246,9 @@ mod tests {
             "blocks/10.42.0.0_16/10.0.0.0_8",
             "blocks/10.42.0.0_16/10.42.0.0_26/x",
             "hosts/",
+            "reserved/10.42.0.0_16/10.42.0.0_26",
+            "reserved/10.42.0.0_16/10.43.0.0_26/ab12",
+            "reserved/10.42.0.0_16/10.42.0.0_26/",
             "addresses/10.42.0.0_16/10.43.0.1",
             "unknown/x",
             "nokind",

@@ -54,6 +54,33 @@ impl PoolRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BlockRecord {
     pub host: String,
+    /// Every address the owner may have handed out from the block: those in use, and
+    /// a few more it may hand out without asking the store (while cut off from it).
+    /// When the block is reclaimed from a host gone past the grace period, these
+    /// become that host's reservation, so that no address of its containers is
+    /// handed out again while they may still run.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub published: BTreeSet<Ipv4Addr>,
+}
+
+impl BlockRecord {
+    /// A record of `host`'s block with nothing published yet.
+    pub fn of(host: impl Into<String>) -> Self {
+        Self {
+            host: host.into(),
+            published: BTreeSet::new(),
+        }
+    }
+}
+
+/// Addresses of a host's containers in a block it no longer owns
+/// (`reserved/<pool>/<block>/<host>`), which nobody else may hand out. Written when
+/// the block is reclaimed from a host gone past the grace period, and by that host
+/// when it comes back and finds the block taken; it expires by itself one grace
+/// period after its last write, so a host that never returns frees them in time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReservedRecord {
+    pub addresses: BTreeSet<Ipv4Addr>,
 }
 
 /// A network's identity across hosts (`overlays/<subnet>`): the hosts that have it

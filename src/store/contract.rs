@@ -19,6 +19,41 @@ where
     list_returns_exactly_the_prefix_in_order(&make().await).await;
     concurrent_creates_have_one_winner(Arc::new(make().await)).await;
     modify_json_loses_no_increment(Arc::new(make().await)).await;
+    an_expiring_key_vanishes_by_itself(&make().await).await;
+}
+
+/// `put_expiring` writes unconditionally and the key vanishes after its TTL (etcd's
+/// leases are whole seconds and expire with some lag: allow up to 6 s for 2).
+pub async fn an_expiring_key_vanishes_by_itself<S: Store>(s: &S) {
+    let ttl = std::time::Duration::from_secs(2);
+    s.create("e", b"1".to_vec()).await.unwrap().unwrap();
+    let rev = s.put_expiring("e", b"2".to_vec(), ttl).await.unwrap();
+    let got = s.get("e").await.unwrap().expect("visible before its TTL");
+    assert_eq!((got.value.as_slice(), got.revision), (&b"2"[..], rev));
+    assert_eq!(s.list("e").await.unwrap().len(), 1);
+    s.create("stays", b"1".to_vec()).await.unwrap().unwrap();
+    let started = std::time::Instant::now();
+    while s.get("e").await.unwrap().is_some() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(6),
+            "an expiring key outlived its TTL of {ttl:?} by far"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() >= ttl - std::time::Duration::from_millis(200),
+        "gone after {:?}, before its TTL",
+        started.elapsed()
+    );
+    assert!(
+        s.list("e").await.unwrap().is_empty(),
+        "gone from listings too"
+    );
+    assert!(
+        s.create("e", b"3".to_vec()).await.unwrap().is_some(),
+        "and creatable again"
+    );
+    assert!(s.get("stays").await.unwrap().is_some(), "other keys stay");
 }
 
 pub async fn create_only_when_absent<S: Store>(s: &S) {

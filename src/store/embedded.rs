@@ -20,6 +20,22 @@ use super::{Store, StoreError, Versioned};
 struct Entry {
     revision: u64,
     value: String,
+    /// When it vanishes (milliseconds since the Unix epoch, this host's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_ms: Option<u64>,
+}
+
+impl Entry {
+    fn live(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_none_or(|t| now_ms < t)
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -27,6 +43,23 @@ struct Data {
     /// Highest revision handed out; never reused, even after deletes.
     revision: u64,
     entries: BTreeMap<String, Entry>,
+}
+
+impl Data {
+    /// Writes `key` at the next revision; returns that revision.
+    fn put(&mut self, key: String, value: String, expires_ms: Option<u64>) -> u64 {
+        self.revision += 1;
+        let revision = self.revision;
+        self.entries.insert(
+            key,
+            Entry {
+                revision,
+                value,
+                expires_ms,
+            },
+        );
+        revision
+    }
 }
 
 #[derive(Debug)]
@@ -87,6 +120,9 @@ impl EmbeddedStore {
         tokio::task::spawn_blocking(move || {
             let mut guard = inner.lock().unwrap_or_else(|p| p.into_inner());
             let before = guard.data.clone();
+            // Expired entries are gone for every change, as they are for every read.
+            let now = now_ms();
+            guard.data.entries.retain(|_, e| e.live(now));
             let (result, changed) = f(&mut guard.data)?;
             if changed {
                 if let Some(path) = guard.path.clone() {
@@ -140,14 +176,17 @@ fn versioned(e: &Entry) -> Versioned {
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        Ok(self.read(|d| d.entries.get(key).map(versioned)))
+        let now = now_ms();
+        Ok(self.read(|d| d.entries.get(key).filter(|e| e.live(now)).map(versioned)))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let now = now_ms();
         Ok(self.read(|d| {
             d.entries
                 .range(prefix.to_string()..)
                 .take_while(|(k, _)| k.starts_with(prefix))
+                .filter(|(_, e)| e.live(now))
                 .map(|(k, e)| (k.clone(), versioned(e)))
                 .collect()
         }))
@@ -160,10 +199,7 @@ impl Store for EmbeddedStore {
             if d.entries.contains_key(&key) {
                 return Ok((None, false));
             }
-            d.revision += 1;
-            let revision = d.revision;
-            d.entries.insert(key, Entry { revision, value });
-            Ok((Some(revision), true))
+            Ok((Some(d.put(key, value, None)), true))
         })
         .await
     }
@@ -183,6 +219,7 @@ impl Store for EmbeddedStore {
                     *e = Entry {
                         revision: next,
                         value,
+                        expires_ms: None,
                     };
                     d.revision = next;
                     Ok((Some(next), true))
@@ -208,6 +245,19 @@ impl Store for EmbeddedStore {
             Ok((matches, matches))
         })
         .await
+    }
+
+    async fn put_expiring(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let key = key.to_string();
+        let value = text(&key, value)?;
+        let expires_ms = Some(now_ms() + ttl.as_millis() as u64);
+        self.mutate(move |d| Ok((d.put(key, value, expires_ms), true)))
+            .await
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
-    KvClient, TlsOptions, Txn, TxnOp,
+    KvClient, PutOptions, TlsOptions, Txn, TxnOp,
 };
 
 use super::{Store, StoreError, Versioned};
@@ -214,5 +214,27 @@ impl Store for EtcdStore {
                 Ok(self.txn("delete", txn).await?.is_some())
             }
         }
+    }
+
+    async fn put_expiring(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        // A lease of its own: it is never kept alive, so the key goes when it ends.
+        let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let mut lease = self.client.lease_client();
+        let granted = self
+            .deadline("lease grant", lease.grant(seconds.max(1) as i64, None))
+            .await?;
+        let options = PutOptions::new().with_lease(granted.id());
+        let resp = self
+            .deadline("put", self.kv().put(self.full(key), value, Some(options)))
+            .await?;
+        Ok(resp
+            .header()
+            .map(|h| h.revision() as u64)
+            .unwrap_or_default())
     }
 }

@@ -60,6 +60,16 @@ pub trait Store: Send + Sync + 'static {
     /// Delete `key`, if `expected` is given only at that revision. `Ok(false)` means
     /// nothing was deleted.
     async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, StoreError>;
+    /// Write `key` unconditionally so that it vanishes by itself `ttl` after this
+    /// write (a later write starts a new `ttl`). etcd keeps the time on its leases
+    /// (whole seconds, at least etcd's minimum TTL); the embedded store, which serves
+    /// one host, on that host's clock.
+    async fn put_expiring(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<u64, StoreError>;
 }
 
 /// A decoded value with its revision.
@@ -130,6 +140,15 @@ pub trait StoreExt: Store {
         value: &T,
     ) -> Result<Option<u64>, StoreError> {
         self.create(key, encode(value)).await
+    }
+
+    async fn put_expiring_json<T: Serialize + Sync>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        self.put_expiring(key, encode(value), ttl).await
     }
 
     async fn update_json<T: Serialize + Sync>(

@@ -10,12 +10,13 @@
 #     gets its address next, nor stay forever;
 #   * leaks: an address handed out with no endpoint, and the pool references and
 #     overlay memberships of a host that is gone for good, must be collected;
-#   * partitions (scenario 1): a host cut off from etcd for longer than the block grace
-#     period must never end up sharing addresses with another host, and nothing may be
-#     reclaimed when the whole cluster loses etcd and comes back.
+#   * partitions (scenario 1): a host cut off from etcd (or from etcd and every other
+#     host) for longer than the block grace period must never end up sharing addresses
+#     with another host, and nothing may be reclaimed when the whole cluster loses etcd
+#     and comes back.
 # Short timers make this fast: host lease 4 s, block grace 8 s, endpoint and address
-# grace 6 s, reconcile every 2 s. A host is cut off from etcd only (its underlay and
-# WireGuard stay up) with iptables rules inside its own namespace.
+# grace 6 s, reconcile every 2 s. A host is cut off from etcd (and, in one test, from
+# WireGuard) with iptables rules inside its own namespace.
 #
 # Run as root, with a built weft (see scripts/test.sh), e.g.:
 #   WEFT_BIN=target/release/weft DOCKERD_BIN=/usr/sbin/dockerd tests/e2e/faults.sh
@@ -73,23 +74,31 @@ create_endpoint() {
     "{\"NetworkID\":\"$network\",\"EndpointID\":\"$endpoint\",\"Interface\":{\"Address\":\"$address\",\"AddressIPv6\":\"\",\"MacAddress\":\"\"},\"Options\":{}}" >/dev/null
 }
 
-# Cuts a host off from etcd only (its underlay and WireGuard stay up), and heals it.
-ETCD_RULES=("OUTPUT -p tcp -d 192.0.2.1 --dport 2379 -j DROP" "INPUT -p tcp -s 192.0.2.1 --sport 2379 -j DROP")
-etcd_cut() {
-  local rule
-  for rule in "${ETCD_RULES[@]}"; do
+# cut_rules HOST RULE...: inserts each iptables RULE in HOST's namespace (once);
+# heal_rules HOST RULE...: removes them all.
+cut_rules() {
+  local h=$1 rule; shift
+  for rule in "$@"; do
     # shellcheck disable=SC2086
-    lab_exec "$1" iptables -C $rule 2>/dev/null || lab_exec "$1" iptables -I $rule
+    lab_exec "$h" iptables -C $rule 2>/dev/null || lab_exec "$h" iptables -I $rule
   done
 }
-etcd_heal() {
-  local rule
-  for rule in "${ETCD_RULES[@]}"; do
+heal_rules() {
+  local h=$1 rule; shift
+  for rule in "$@"; do
     # shellcheck disable=SC2086
-    while lab_exec "$1" iptables -D $rule 2>/dev/null; do :; done
+    while lab_exec "$h" iptables -D $rule 2>/dev/null; do :; done
   done
   return 0
 }
+# A host cut off from etcd only (its underlay and WireGuard stay up), and healed.
+ETCD_RULES=("OUTPUT -p tcp -d 192.0.2.1 --dport 2379 -j DROP" "INPUT -p tcp -s 192.0.2.1 --sport 2379 -j DROP")
+etcd_cut() { cut_rules "$1" "${ETCD_RULES[@]}"; }
+etcd_heal() { heal_rules "$1" "${ETCD_RULES[@]}"; }
+# A host cut off from every other host's WireGuard (UDP 51820 both ways), and healed.
+WG_RULES=("OUTPUT -p udp --dport 51820 -j DROP" "INPUT -p udp --dport 51820 -j DROP")
+wg_cut() { cut_rules "$1" "${WG_RULES[@]}"; }
+wg_heal() { heal_rules "$1" "${WG_RULES[@]}"; }
 
 # pool_blocks POOLSEG (e.g. 10.60.0.0_24): "block owner" lines from etcd, sorted.
 pool_blocks() {
@@ -221,6 +230,22 @@ test_an_address_with_no_endpoint_is_collected() {
   echo "    address free again after $(( $(date +%s) - started )) s"
 }
 
+# healed_checks NET POOLSEG NEW: after h2 is healed, with on1, on2, blocks, errs and
+# id2 local to the caller: (a) no address is on a running container of both hosts;
+# (b) h2's new containers NEW1..NEW3 have addresses from blocks etcd gives to h2.
+healed_checks() {
+  local net=$1 seg=$2 new=$3 dups ip owner i
+  on1=$(net_ips h1 "$net"); on2=$(net_ips h2 "$net"); blocks=$(pool_blocks "$seg")
+  echo "    blocks after healing: $(echo "$blocks" | tr '\n' ' ')"
+  dups=$(comm -12 <(echo "$on1" | awk '{print $2}' | sort -u) <(echo "$on2" | awk '{print $2}' | sort -u) | tr '\n' ' ')
+  [ -z "$dups" ] || errs+=("(a) addresses on a running container of both h1 and h2: $dups")
+  for i in 1 2 3; do
+    ip=$(ip_of h2 "$new$i" "$net")
+    owner=$(echo "$blocks" | owner_of "$ip")
+    [ "$owner" = "$id2" ] || errs+=("(b) new container $new$i on h2 got $ip, in a block etcd gives to ${owner:-nobody} (h2 is $id2)")
+  done
+}
+
 # Scenario 1: h2 is cut off from etcd for longer than the block grace period while its
 # containers keep running; h1 reclaims its block and goes on allocating. After the
 # partition heals no address may be on a container of both hosts, h2's new containers
@@ -244,20 +269,8 @@ test_a_partition_longer_than_the_grace_period_never_shares_an_address() {
   etcd_heal h2
   sleep 10
   for i in 1 2 3; do run_bb h2 "pn$i" --network part; done
-  local on1 on2 blocks errs=()
-  on1=$(net_ips h1 part); on2=$(net_ips h2 part); blocks=$(pool_blocks 10.60.0.0_24)
-  echo "    blocks after healing: $(echo "$blocks" | tr '\n' ' ')"
-  # (a) No address on a running container of both hosts.
-  local dups
-  dups=$(comm -12 <(echo "$on1" | awk '{print $2}' | sort -u) <(echo "$on2" | awk '{print $2}' | sort -u) | tr '\n' ' ')
-  [ -z "$dups" ] || errs+=("(a) addresses on a running container of both h1 and h2: $dups")
-  # (b) h2's new containers have addresses from blocks etcd gives to h2.
-  local ip owner
-  for i in 1 2 3; do
-    ip=$(ip_of h2 "pn$i" part)
-    owner=$(echo "$blocks" | owner_of "$ip")
-    [ "$owner" = "$id2" ] || errs+=("(b) new container pn$i on h2 got $ip, in a block etcd gives to ${owner:-nobody} (h1 is $id1, h2 is $id2)")
-  done
+  local on1 on2 blocks errs=() ip
+  healed_checks part 10.60.0.0_24 pn
   # (c) Blocks etcd gives to h1 that running containers of h2 are in: h2 reports them.
   local clashing
   clashing=$(echo "$on2" | awk '{print $2}' | while read -r ip; do
@@ -283,6 +296,63 @@ for line in sys.stdin:
     within 10 reported ||
       errs+=("(c) h2 runs containers in block(s) $(echo "$clashing" | tr '\n' ' ')that etcd gives to h1, but its status reports conflicts: $(weft_status h2 | jq -c '.conflicts')")
   fi
+  [ "${#errs[@]}" = 0 ] || fail_all "${errs[@]}"
+}
+
+# Scenario 1, the hard case: h2 is cut off from etcd *and* from h1 (no WireGuard
+# either) for longer than the block grace, so h1 rightly decides h2 is gone and
+# reclaims its block, while h2's containers keep running. h1 then needs addresses and
+# takes that block. When h2 comes back, no address may be live on both hosts, h2
+# reports the block it lost, gets new addresses only from its own blocks, and its
+# containers in the lost block stay reachable from h1's.
+test_a_host_cut_off_from_everything_past_the_grace_shares_no_address() {
+  trap 'etcd_heal h2; wg_heal h2; for h in h1 h2; do D $h ps -aq --filter network=iso | xargs -r docker -H unix://$(lab_dir $h)/docker.sock rm -f >/dev/null 2>&1; D $h network rm iso >/dev/null 2>&1; done; true' EXIT
+  local h i id1 id2
+  id1=$(host_id h1); id2=$(host_id h2)
+  for h in h1 h2; do
+    D $h network create -d weft --ipam-driver weft --subnet 10.66.0.0/24 --ipam-opt weft.block-size=28 iso >/dev/null
+  done
+  for i in 1 2 3 4; do run_bb h2 "ib$i" --network iso; done
+  local before
+  before=$(pool_blocks 10.66.0.0_24)
+  echo "    h2 ($id2): $(net_ips h2 iso | awk '{print $2}' | tr '\n' ' ')blocks: $(echo "$before" | tr '\n' ' ')"
+  etcd_cut h2; wg_cut h2
+  h2_block_gone() { ! pool_blocks 10.66.0.0_24 | grep -q " $id2\$"; }
+  within $((WEFT_BLOCK_GRACE + WEFT_HOST_TTL + 40)) h2_block_gone ||
+    fail "h1 never reclaimed the block of h2, cut off from everything: $(pool_blocks 10.66.0.0_24 | tr '\n' ' ')"
+  for i in $(seq 20); do run_bb h1 "ia$i" --network iso; done
+  echo "    blocks with h1 ($id1) at 20 containers: $(pool_blocks 10.66.0.0_24 | tr '\n' ' ')"
+  etcd_heal h2; wg_heal h2
+  sleep 10
+  for i in 1 2 3; do run_bb h2 "in$i" --network iso; done
+  local on1 on2 blocks errs=() ip
+  healed_checks iso 10.66.0.0_24 in
+  # (c) h2 reports the block it lost (h1 must have taken it: h1 had no block yet and
+  # claims the first free one).
+  local lost
+  lost=$(echo "$before" | awk -v h="$id2" '$2 == h {print $1}' | while read -r b; do
+    echo "$blocks" | grep -q "^$b $id1\$" && echo "${b/_//}"; done)
+  [ -n "$lost" ] || errs+=("(setup) h1 did not take h2's old block, so the case this test is for never arose")
+  for b in $lost; do
+    reported() { weft_status h2 | jq -e --arg b "$b" '(.conflicts // []) | any(.block == $b)' >/dev/null; }
+    within 10 reported || errs+=("(c) h1 owns $b, where h2 still runs containers, but h2's status shows conflicts: $(weft_status h2 | jq -c '.conflicts')")
+  done
+  # (d) h1 shows the addresses it keeps for h2 in the block it took.
+  local reserved
+  reserved=$(weft_status h1 | jq -r --arg h "$id2" '[.reservations[]? | select(.host == $h) | .addresses[]] | join(" ")')
+  echo "    reserved for h2 in h1's status: ${reserved:-none}"
+  for i in 1 2 3 4; do
+    ip=$(ip_of h2 "ib$i" iso)
+    [[ " $reserved " == *" $ip "* ]] || errs+=("(d) h2's ib$i ($ip) is in a block h1 took, but h1's status does not show it reserved for h2")
+  done
+  # (e) h2's old containers are still reachable from h1's, and back.
+  local a1
+  a1=$(ip_of h1 ia1 iso)
+  for i in 1 2 3 4; do
+    ip=$(ip_of h2 "ib$i" iso)
+    within 10 pings h1 ia1 "$ip" || errs+=("(e) h1's ia1 cannot reach h2's ib$i at $ip")
+    within 10 pings h2 "ib$i" "$a1" || errs+=("(e) h2's ib$i cannot reach h1's ia1 at $a1")
+  done
   [ "${#errs[@]}" = 0 ] || fail_all "${errs[@]}"
 }
 
@@ -488,6 +558,7 @@ main() {
     test_a_never_joined_endpoint_is_collected \
     test_an_address_with_no_endpoint_is_collected \
     test_a_partition_longer_than_the_grace_period_never_shares_an_address \
+    test_a_host_cut_off_from_everything_past_the_grace_shares_no_address \
     test_nothing_is_reclaimed_when_the_whole_cluster_returns \
     test_a_second_daemon_on_the_same_state_dir_is_refused_and_the_first_stays \
     test_a_deleted_host_record_is_written_again \
