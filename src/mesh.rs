@@ -236,11 +236,15 @@ impl Mesh {
         let (blocks, bad_blocks) = self.blocks.all_checked().await?;
         skipped.extend(bad_blocks);
         *self.skipped.lock().unwrap_or_else(|p| p.into_inner()) = skipped;
+        // Only pools this host has a network in are routed (and allowed) here: another
+        // host's subnet must never take over a route of this host's.
+        let here = self.blocks.pools_here().await?;
         // A host's reserved addresses in blocks it lost are its own, as /32s: more
         // specific than the block's route and allowed-ips, so they reach its containers.
-        let reserved = self.reserved_routes().await?;
+        let reserved = self.reserved_routes(&here).await?;
         let blocks: Vec<(Ipv4Network, String)> = blocks
             .into_iter()
+            .filter(|(pool, _, _)| here.contains(pool))
             .map(|(_, b, owner)| (b, owner))
             .chain(reserved)
             .collect();
@@ -260,13 +264,17 @@ impl Mesh {
         Ok((diff, next_stale))
     }
 
-    /// Every reserved address, as a /32 of the host it is reserved for.
-    async fn reserved_routes(&self) -> Result<Vec<(Ipv4Network, String)>, MeshError> {
+    /// Every reserved address in a pool of `here`, as a /32 of the host it is reserved for.
+    async fn reserved_routes(
+        &self,
+        here: &std::collections::BTreeSet<Ipv4Network>,
+    ) -> Result<Vec<(Ipv4Network, String)>, MeshError> {
         Ok(self
             .blocks
             .reservations_checked()
             .await?
             .into_iter()
+            .filter(|r| here.contains(&r.pool))
             .flat_map(|r| {
                 r.addresses
                     .into_iter()
@@ -348,8 +356,31 @@ mod tests {
     use crate::store::embedded::EmbeddedStore;
     use crate::tunnel::fake::FakeTunnel;
 
-    /// A pool record for `pool` with /26 blocks, so that its blocks are valid.
+    /// A pool record for `pool` with /26 blocks, so that its blocks are valid, and a
+    /// network of this host in it (the tests' mesh keeps its local records in the
+    /// same store), so that they are routed here.
     async fn seed_pool(store: &EmbeddedStore, pool: Ipv4Network) {
+        seed_network(store, pool).await;
+        seed_pool_only(store, pool).await;
+    }
+
+    async fn seed_network(store: &EmbeddedStore, subnet: Ipv4Network) {
+        let net = crate::schema::NetworkRecord {
+            id: format!("net-{}", keys::cidr_segment(subnet)),
+            subnet,
+            gateway: None,
+            internal: false,
+            mtu: 1420,
+            name: None,
+            host_access: false,
+        };
+        store
+            .create_json(&keys::network(&net.id), &net)
+            .await
+            .unwrap();
+    }
+
+    async fn seed_pool_only(store: &EmbeddedStore, pool: Ipv4Network) {
         let rec = PoolRecord {
             pool,
             sub_pool: None,
@@ -367,7 +398,7 @@ mod tests {
         let tenure = Arc::new(Tenure::clustered());
         let blocks = Arc::new(Blocks::new(
             store.clone(),
-            Arc::new(EmbeddedStore::in_memory()),
+            store.clone(),
             "a".into(),
             tenure.clone(),
             Duration::from_secs(600),
@@ -451,6 +482,42 @@ mod tests {
             dp.with(|s| s.tunnel_routes.is_empty()),
             "routes to a departed host go with it"
         );
+    }
+
+    /// Blocks of a pool this host has no network in are neither routed nor allowed:
+    /// another host's subnet must not take over a route of this host.
+    #[tokio::test]
+    async fn only_pools_this_host_has_a_network_in_are_routed() {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let tunnel = Arc::new(FakeTunnel::default());
+        let (mesh, dp) = mesh_of(&store, &tunnel);
+        seed_hosts(&store).await;
+        let (mine, theirs): (Ipv4Network, Ipv4Network) = (
+            "10.42.0.0/24".parse().unwrap(),
+            "10.99.0.0/24".parse().unwrap(),
+        );
+        seed_pool(&store, mine).await;
+        seed_pool_only(&store, theirs).await;
+        for pool in [mine, theirs] {
+            let block = Ipv4Network::new(pool.network(), 26).unwrap();
+            store
+                .create_json(&keys::block(pool, block), &BlockRecord::of("b"))
+                .await
+                .unwrap();
+        }
+        mesh.reconcile().await.unwrap();
+        let routes: Vec<String> =
+            dp.with(|s| s.tunnel_routes.iter().map(|r| r.to_string()).collect());
+        assert_eq!(routes, ["10.42.0.0/26"]);
+        let allowed = tunnel.peers.lock().unwrap()[0].allowed_ips.clone();
+        assert_eq!(
+            allowed,
+            vec!["10.42.0.0/26".parse::<Ipv4Network>().unwrap()]
+        );
+        // This host creates a network in the other pool: now it is routed too.
+        seed_network(&store, theirs).await;
+        mesh.reconcile().await.unwrap();
+        assert_eq!(dp.with(|s| s.tunnel_routes.len()), 2);
     }
 
     /// Addresses reserved for b in a block a took from it are routed to b as /32s

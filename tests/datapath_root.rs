@@ -65,6 +65,7 @@ fn desired(endpoints: Vec<EndpointSpec>) -> DesiredState {
             subnet: "10.77.0.0/16".parse().unwrap(),
             gateway: Some("10.77.0.1".parse().unwrap()),
             internal: false,
+            host_access: false,
         }],
         endpoints,
     }
@@ -230,6 +231,7 @@ async fn sync_removes_routes_of_endpoints_that_are_gone() {
             subnet: "10.78.0.0/16".parse().unwrap(),
             gateway: None,
             internal: true,
+            host_access: false,
         }],
         endpoints: vec![c.clone()],
     };

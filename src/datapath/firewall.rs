@@ -1,4 +1,15 @@
-//! weft's packet filter: isolation between networks, anti-spoofing, masquerade.
+//! weft's packet filter: isolation between networks, anti-spoofing, masquerade, and
+//! the host boundary:
+//! - new connections into weft's subnets come only from weft's own links (same
+//!   network, per the isolation rules) and the WireGuard interface, or were DNATed
+//!   (published); never from the underlay or another interface, whatever iptables'
+//!   `FORWARD` policy is (an nftables drop is final);
+//! - weft's containers and Docker's bridge networks (`docker0`, `br-*`) cannot reach
+//!   each other, as Docker keeps its bridge networks apart;
+//! - on their host, containers reach only their own gateway, for ICMP, unless their
+//!   network has `-o weft.host-access=true`;
+//! - in iptables, weft's `FORWARD` jump stays after Docker's `DOCKER-USER` jump, so
+//!   rules there apply to weft's traffic too.
 //!
 //! Everything lives in one nftables table, `inet weft`, replaced atomically from the
 //! desired state on every sync (one `nft -f` transaction: a half-applied ruleset is
@@ -18,9 +29,10 @@ use super::{DatapathError, DesiredState, HOST_IF_PREFIX};
 pub const TABLE: &str = "weft";
 pub const IPTABLES_CHAIN: &str = "WEFT-FORWARD";
 
-/// The nftables script that replaces table `inet weft` with `desired`. With no
-/// networks the table is only deleted.
-pub fn render(desired: &DesiredState) -> String {
+/// The nftables script that replaces table `inet weft` with `desired` (`tunnel_if`:
+/// the WireGuard interface, on several hosts). With no networks the table is only
+/// deleted.
+pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
     let mut s = String::new();
     // Create-then-delete makes the delete valid whether or not the table exists.
     let _ = writeln!(s, "table inet {TABLE}\ndelete table inet {TABLE}");
@@ -62,9 +74,16 @@ pub fn render(desired: &DesiredState) -> String {
          iifname \"{HOST_IF_PREFIX}*\" meta nfproto ipv6 drop\n    \
          iifname \"{HOST_IF_PREFIX}*\" iifname . ip saddr != @endpoints drop\n  }}"
     );
+    // weft's own links, and the tunnel from other hosts' containers.
+    let weft_ifs = match tunnel_if {
+        Some(t) => format!("{{ \"{HOST_IF_PREFIX}*\", \"{t}\" }}"),
+        None => format!("\"{HOST_IF_PREFIX}*\""),
+    };
     let _ = writeln!(
         s,
-        "  chain forward {{\n    type filter hook forward priority -5; policy accept;"
+        "  chain forward {{\n    type filter hook forward priority -5; policy accept;\n    \
+         ip daddr @subnets ct state new iifname != {weft_ifs} ct status ! dnat drop\n    \
+         ip saddr @subnets oifname {{ \"docker0\", \"br-*\" }} ct status ! dnat drop"
     );
     for n in &desired.networks {
         let sub = n.subnet;
@@ -79,10 +98,13 @@ pub fn render(desired: &DesiredState) -> String {
         }
     }
     let _ = writeln!(s, "  }}");
-    // The host's gateway addresses answer only their own network.
+    // On the host, containers reach their own gateway only (for ICMP), unless their
+    // network has host access; never another network's gateway.
     let _ = writeln!(
         s,
-        "  chain input {{\n    type filter hook input priority -5; policy accept;"
+        "  chain input {{\n    type filter hook input priority -5; policy accept;\n    \
+         iifname != {weft_ifs} accept\n    \
+         ct state established,related accept"
     );
     if !gateways.is_empty() {
         for n in &desired.networks {
@@ -100,7 +122,22 @@ pub fn render(desired: &DesiredState) -> String {
             }
         }
     }
-    let _ = writeln!(s, "  }}");
+    for n in &desired.networks {
+        match n.gateway {
+            _ if n.host_access => {
+                let _ = writeln!(s, "    ip saddr {} accept", n.subnet);
+            }
+            Some(g) if !n.internal => {
+                let _ = writeln!(
+                    s,
+                    "    ip saddr {} ip daddr {g} meta l4proto icmp accept",
+                    n.subnet
+                );
+            }
+            _ => {}
+        }
+    }
+    let _ = writeln!(s, "    drop\n  }}");
     let _ = writeln!(
         s,
         "  chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;"
@@ -121,7 +158,7 @@ pub fn render(desired: &DesiredState) -> String {
 /// weft's locks for longer than this.
 pub const COMMAND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), DatapathError> {
+async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, DatapathError> {
     run_within(COMMAND_DEADLINE, program, args, stdin).await
 }
 
@@ -130,7 +167,7 @@ async fn run_within(
     program: &str,
     args: &[&str],
     stdin: Option<&str>,
-) -> Result<(), DatapathError> {
+) -> Result<String, DatapathError> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(if stdin.is_some() {
@@ -138,7 +175,7 @@ async fn run_within(
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Dropped on the deadline: the child is killed with it.
         .kill_on_drop(true);
@@ -163,7 +200,7 @@ async fn run_within(
         ))
     })??;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(DatapathError::Firewall(format!(
             "{program} {}: {}",
@@ -194,17 +231,20 @@ pub fn render_delta(old: &DesiredState, new: &DesiredState) -> Option<String> {
 }
 
 /// Replaces table `inet weft` with the rules for `desired`.
-pub async fn apply_nftables(desired: &DesiredState) -> Result<(), DatapathError> {
-    apply_script(&render(desired)).await
+pub async fn apply_nftables(
+    desired: &DesiredState,
+    tunnel_if: Option<&str>,
+) -> Result<(), DatapathError> {
+    apply_script(&render(desired, tunnel_if)).await
 }
 
 /// Runs an nftables script as one transaction.
 pub async fn apply_script(script: &str) -> Result<(), DatapathError> {
     debug!(rules = %script, "applying nftables");
-    run("nft", &["-f", "-"], Some(script)).await
+    run("nft", &["-f", "-"], Some(script)).await.map(drop)
 }
 
-async fn iptables(args: &[&str]) -> Result<(), DatapathError> {
+async fn iptables(args: &[&str]) -> Result<String, DatapathError> {
     let mut full = vec!["-w", "5"];
     full.extend_from_slice(args);
     run("iptables", &full, None).await
@@ -251,10 +291,39 @@ pub async fn apply_iptables(active: bool, tunnel_if: Option<&str>) -> Result<(),
             iptables(&[&["-A", IPTABLES_CHAIN], rule].concat()).await?;
         }
     }
-    if !has_jump {
-        iptables(&["-I", "FORWARD", "1", "-j", IPTABLES_CHAIN]).await?;
+    place_jump(has_jump).await
+}
+
+/// Puts weft's `FORWARD` jump right after Docker's `DOCKER-USER` jump (or first, when
+/// Docker has none yet: dockerd puts its jump back at the top when it starts), and
+/// moves it there if it sits before it.
+async fn place_jump(present: bool) -> Result<(), DatapathError> {
+    let listing = iptables(&["-S", "FORWARD"]).await?;
+    let ours = format!("-A FORWARD -j {IPTABLES_CHAIN}");
+    let (position, misplaced) = jump_position(&listing, &ours);
+    if present && !misplaced {
+        return Ok(());
     }
+    if present {
+        iptables(&["-D", "FORWARD", "-j", IPTABLES_CHAIN]).await?;
+        return Box::pin(place_jump(false)).await;
+    }
+    let at = position.to_string();
+    iptables(&["-I", "FORWARD", &at, "-j", IPTABLES_CHAIN]).await?;
     Ok(())
+}
+
+/// From `iptables -S FORWARD`: the 1-based position right after Docker's
+/// `DOCKER-USER` jump (1 without one), and whether the rule `ours` sits before it.
+fn jump_position(listing: &str, ours: &str) -> (usize, bool) {
+    let rules: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.starts_with("-A FORWARD "))
+        .collect();
+    let user = rules.iter().position(|r| *r == "-A FORWARD -j DOCKER-USER");
+    let mine = rules.iter().position(|r| *r == ours);
+    let misplaced = matches!((mine, user), (Some(m), Some(u)) if m < u);
+    (user.map_or(1, |u| u + 2), misplaced)
 }
 
 #[cfg(test)]
@@ -269,11 +338,13 @@ mod tests {
                     subnet: "10.42.0.0/16".parse().unwrap(),
                     gateway: Some("10.42.0.1".parse().unwrap()),
                     internal: false,
+                    host_access: false,
                 },
                 NetworkSpec {
                     subnet: "10.43.0.0/16".parse().unwrap(),
                     gateway: None,
                     internal: true,
+                    host_access: false,
                 },
             ],
             endpoints: vec![EndpointSpec {
@@ -287,7 +358,7 @@ mod tests {
 
     #[test]
     fn ruleset_isolates_networks_prevents_spoofing_and_masquerades_only_non_internal() {
-        let r = render(&state());
+        let r = render(&state(), None);
         assert!(r.starts_with("table inet weft\ndelete table inet weft\n"));
         assert!(r.contains("elements = { \"wfh0123456789ab\" . 10.42.0.2 }"));
         assert!(r.contains("iifname . ip saddr != @endpoints drop"));
@@ -296,6 +367,38 @@ mod tests {
         assert!(r.contains("ip saddr 10.42.0.0/16 ip daddr != @subnets masquerade"));
         assert!(!r.contains("ip saddr 10.43.0.0/16 ip daddr != @subnets masquerade"));
         assert!(r.contains("ip saddr 10.42.0.0/16 ip daddr @gateways ip daddr != 10.42.0.1 drop"));
+    }
+
+    #[test]
+    fn the_host_boundary_keeps_other_interfaces_out_and_containers_off_the_host() {
+        let mut desired = state();
+        desired.networks.push(NetworkSpec {
+            subnet: "10.44.0.0/24".parse().unwrap(),
+            gateway: Some("10.44.0.1".parse().unwrap()),
+            internal: false,
+            host_access: true,
+        });
+        let r = render(&desired, Some("weft0"));
+        // Into weft's subnets only from its links, the tunnel, or published (DNAT).
+        assert!(r.contains(
+            "ip daddr @subnets ct state new iifname != { \"wfh*\", \"weft0\" } ct status ! dnat drop"
+        ));
+        assert!(
+            r.contains("ip saddr @subnets oifname { \"docker0\", \"br-*\" } ct status ! dnat drop")
+        );
+        // On the host: the own gateway for ICMP; everything with host access; else drop.
+        let input = &r[r.find("chain input").unwrap()..r.find("chain postrouting").unwrap()];
+        assert!(input.contains("iifname != { \"wfh*\", \"weft0\" } accept"));
+        assert!(input.contains("ct state established,related accept"));
+        assert!(input.contains("ip saddr 10.42.0.0/16 ip daddr 10.42.0.1 meta l4proto icmp accept"));
+        assert!(input.contains("ip saddr 10.44.0.0/24 accept"));
+        assert!(
+            !input.contains("ip saddr 10.43.0.0/16 accept"),
+            "internal: no host access"
+        );
+        assert!(input.trim_end().ends_with("drop\n  }"), "{input}");
+        // One host: no tunnel.
+        assert!(render(&desired, None).contains("iifname != \"wfh*\" ct status ! dnat drop"));
     }
 
     #[test]
@@ -320,9 +423,22 @@ mod tests {
     }
 
     #[test]
+    fn weft_jumps_after_docker_user() {
+        let ours = "-A FORWARD -j WEFT-FORWARD";
+        let docker =
+            "-P FORWARD DROP\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j DOCKER-ISOLATION-STAGE-1\n";
+        assert_eq!(jump_position(docker, ours), (2, false));
+        let before = format!("-P FORWARD DROP\n{ours}\n-A FORWARD -j DOCKER-USER\n");
+        assert_eq!(jump_position(&before, ours), (3, true));
+        let after = format!("-P FORWARD DROP\n-A FORWARD -j DOCKER-USER\n{ours}\n");
+        assert_eq!(jump_position(&after, ours), (2, false));
+        assert_eq!(jump_position("-P FORWARD ACCEPT\n", ours), (1, false));
+    }
+
+    #[test]
     fn no_networks_means_no_table() {
         assert_eq!(
-            render(&DesiredState::default()),
+            render(&DesiredState::default(), Some("weft0")),
             "table inet weft\ndelete table inet weft\n"
         );
     }

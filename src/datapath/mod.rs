@@ -37,6 +37,8 @@ pub struct NetworkSpec {
     pub subnet: Ipv4Network,
     pub gateway: Option<Ipv4Addr>,
     pub internal: bool,
+    /// Its containers may reach every address and port of the host.
+    pub host_access: bool,
 }
 
 /// The whole desired state of this host's datapath.

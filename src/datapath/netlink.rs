@@ -425,9 +425,9 @@ impl NetlinkDatapath {
             Some(script) => match firewall::apply_script(&script).await {
                 Ok(()) => Ok(()),
                 // The table was changed behind weft's back: rebuild it.
-                Err(_) => firewall::apply_nftables(desired).await,
+                Err(_) => firewall::apply_nftables(desired, self.tunnel_if.as_deref()).await,
             },
-            None => firewall::apply_nftables(desired).await,
+            None => firewall::apply_nftables(desired, self.tunnel_if.as_deref()).await,
         };
         *self.nft_applied.lock().unwrap_or_else(|p| p.into_inner()) =
             result.is_ok().then(|| desired.clone());

@@ -191,6 +191,7 @@ impl Driver {
             internal: opts.internal,
             mtu,
             name: opts.name,
+            host_access: opts.host_access,
         };
         for (_, other) in self
             .local
@@ -231,19 +232,25 @@ impl Driver {
                 )));
             }
         }
-        self.join_overlay(record.subnet, record.name.as_deref())
-            .await?;
+        // The local record first: the overlay change wakes the mesh, which routes
+        // only pools this host has a network in.
         if self
             .local
             .create_json(&keys::network(&record.id), &record)
             .await?
             .is_none()
         {
-            let _ = self.leave_overlay(record.subnet).await;
             return Err(DriverError::Conflict(format!(
                 "network {} was created concurrently",
                 short(&record.id)
             )));
+        }
+        if let Err(e) = self
+            .join_overlay(record.subnet, record.name.as_deref())
+            .await
+        {
+            let _ = self.local.delete(&keys::network(&record.id), None).await;
+            return Err(e);
         }
         if let Err(e) = self.sync_locked().await {
             // Roll back: the network must not half-exist.
@@ -268,16 +275,16 @@ impl Driver {
                 }
             }
         }
-        if let Some(rec) = self
+        let record = self
             .local
             .get_json::<NetworkRecord>(&keys::network(network_id))
-            .await?
-        {
+            .await?;
+        self.local.delete(&keys::network(network_id), None).await?;
+        if let Some(rec) = record {
             if let Err(e) = self.leave_overlay(rec.value.subnet).await {
                 errors.push(e);
             }
         }
-        self.local.delete(&keys::network(network_id), None).await?;
         if let Err(e) = self.sync_locked().await {
             errors.push(e);
         }
@@ -557,6 +564,7 @@ impl Driver {
                     subnet: n.subnet,
                     gateway: n.gateway,
                     internal: n.internal,
+                    host_access: n.host_access,
                 })
                 .collect(),
             endpoints: endpoints.iter().map(EndpointRecord::spec).collect(),

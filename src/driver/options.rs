@@ -8,6 +8,7 @@ pub const MTU_DOCKER: &str = "com.docker.network.driver.mtu";
 pub const MTU_WEFT: &str = "weft.mtu";
 pub const NETWORK_NAME: &str = "weft.network";
 pub const ALLOW_ROUTE_OVERLAP: &str = "weft.allow-route-overlap";
+pub const HOST_ACCESS: &str = "weft.host-access";
 const GENERIC: &str = "com.docker.network.generic";
 const INTERNAL: &str = "com.docker.network.internal";
 const ENABLE_IPV6: &str = "com.docker.network.enable_ipv6";
@@ -20,6 +21,9 @@ pub struct NetworkOptions {
     pub ipv6: bool,
     /// Use a subnet even though a route of the host that weft did not add overlaps it.
     pub allow_route_overlap: bool,
+    /// Let the network's containers reach every address and port of their host (by
+    /// default only their gateway, for ICMP).
+    pub host_access: bool,
 }
 
 /// Docker sends booleans as JSON booleans, but be lenient with strings.
@@ -36,6 +40,16 @@ fn parse_mtu(key: &str, v: &str) -> Result<u32, DriverError> {
         Ok(m) if (576..=65535).contains(&m) => Ok(m),
         _ => Err(DriverError::Invalid(format!(
             "-o {key}={v:?}: expected an MTU from 576 to 65535"
+        ))),
+    }
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, DriverError> {
+    match v {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(DriverError::Invalid(format!(
+            "-o {key}={v:?}: expected true or false"
         ))),
     }
 }
@@ -71,20 +85,11 @@ impl NetworkOptions {
                     }
                     out.name = Some(text);
                 }
-                ALLOW_ROUTE_OVERLAP => {
-                    out.allow_route_overlap = match text.as_str() {
-                        "true" | "1" => true,
-                        "false" | "0" => false,
-                        _ => {
-                            return Err(DriverError::Invalid(format!(
-                                "-o {ALLOW_ROUTE_OVERLAP}={text:?}: expected true or false"
-                            )))
-                        }
-                    }
-                }
+                ALLOW_ROUTE_OVERLAP => out.allow_route_overlap = parse_bool(key, &text)?,
+                HOST_ACCESS => out.host_access = parse_bool(key, &text)?,
                 k if k.starts_with("weft.") => {
                     return Err(DriverError::Invalid(format!(
-                        "unknown option -o {k} (weft knows {MTU_WEFT}, {MTU_DOCKER}, {NETWORK_NAME} and {ALLOW_ROUTE_OVERLAP})"
+                        "unknown option -o {k} (weft knows {MTU_WEFT}, {MTU_DOCKER}, {NETWORK_NAME}, {ALLOW_ROUTE_OVERLAP} and {HOST_ACCESS})"
                     )))
                 }
                 // Options meant for other tools (or daemon-wide defaults) are not ours to refuse.
@@ -117,7 +122,7 @@ mod tests {
         let o = NetworkOptions::parse(&opts(json!({
             "com.docker.network.enable_ipv6": false,
             "com.docker.network.internal": true,
-            "com.docker.network.generic": {"weft.mtu": "1400", "com.docker.network.driver.mtu": "1400", "weft.network": "blue", "weft.allow-route-overlap": "true", "other": "x"}
+            "com.docker.network.generic": {"weft.mtu": "1400", "com.docker.network.driver.mtu": "1400", "weft.network": "blue", "weft.allow-route-overlap": "true", "weft.host-access": "true", "other": "x"}
         })))
         .unwrap();
         assert_eq!(
@@ -128,6 +133,7 @@ mod tests {
                 internal: true,
                 ipv6: false,
                 allow_route_overlap: true,
+                host_access: true,
             }
         );
     }
@@ -140,6 +146,7 @@ mod tests {
             json!({"com.docker.network.generic": {"weft.mtu": "1400", "com.docker.network.driver.mtu": "1300"}}),
             json!({"com.docker.network.generic": {"weft.nope": "1"}}),
             json!({"com.docker.network.generic": {"weft.network": "has space"}}),
+            json!({"com.docker.network.generic": {"weft.host-access": "yes"}}),
             json!({"com.docker.network.generic": "string"}),
         ] {
             assert!(

@@ -245,6 +245,17 @@ impl Blocks {
         Ok(out)
     }
 
+    /// The pools this host has a network in (a weft network's subnet is its pool):
+    /// the only ones whose blocks it routes.
+    pub async fn pools_here(&self) -> Result<BTreeSet<Ipv4Network>, StoreError> {
+        let (networks, bad) = self
+            .local
+            .list_json_lossy::<crate::schema::NetworkRecord>(keys::NETWORKS)
+            .await?;
+        warn_skipped(&bad);
+        Ok(networks.into_iter().map(|(_, r)| r.value.subnet).collect())
+    }
+
     /// Every reservation in the cluster.
     pub async fn reservations(&self) -> Result<Vec<Reservation>, StoreError> {
         self.reservations_under(keys::RESERVED).await

@@ -73,6 +73,7 @@ async fn attach_network(h: &Host, pool: &str) {
         internal: false,
         mtu: 1420,
         name: None,
+        host_access: false,
     };
     h.local
         .create_json(&keys::network(&rec.id), &rec)

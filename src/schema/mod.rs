@@ -124,6 +124,9 @@ pub struct NetworkRecord {
     pub mtu: u32,
     /// `-o weft.network=NAME`: the cluster-wide name, when the user gave one.
     pub name: Option<String>,
+    /// `-o weft.host-access=true`: containers may reach every address of the host.
+    #[serde(default)]
+    pub host_access: bool,
 }
 
 /// An endpoint on this host (`endpoints/<EndpointID>`).

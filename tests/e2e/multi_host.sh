@@ -140,6 +140,25 @@ test_networks_stay_isolated_across_hosts() {
   return 0
 }
 
+# Host boundary, routes: a host routes (and allows over WireGuard) only the blocks of
+# pools it has a network in. h1 uses 10.99.0.0/24 for a weft network; h2 has no such
+# network but a route of its own to 10.99.0.0/24 (a LAN behind 192.0.2.254), which
+# h1's block must not take over on h2.
+test_remote_blocks_are_routed_only_for_pools_this_host_has_a_network_in() {
+  trap 'D h1 rm -f r1 >/dev/null 2>&1; D h1 network rm lan99 >/dev/null 2>&1; lab_exec h2 ip route del 10.99.0.0/24 via 192.0.2.254 2>/dev/null; true' EXIT
+  lab_exec h2 ip route add 10.99.0.0/24 via 192.0.2.254
+  D h1 network create -d weft --ipam-driver weft --subnet 10.99.0.0/24 lan99 >/dev/null
+  run_bb h1 r1 --network lan99
+  local a
+  a=$(ip_of h1 r1 lan99)
+  # h2 hears of h1's new block at once (a mesh pass runs on every etcd change).
+  sleep 2
+  lab_exec h2 ip route get "$a" | grep -q "via 192.0.2.254" ||
+    fail "on h2, $a goes $(lab_exec h2 ip route get "$a" | head -1), not through h2's own route via 192.0.2.254"
+  ! lab_exec h2 wg show weft0 allowed-ips 2>/dev/null | grep -q "10\.99\." ||
+    fail "h2 allows h1's block of a pool it has no network in: $(lab_exec h2 wg show weft0 allowed-ips | tr '\n' ' ')"
+}
+
 test_weft_restart_during_cross_host_ping_loses_nothing() {
   local b
   b=$(ip_of h2 c2 app)
@@ -228,6 +247,7 @@ main() {
     test_only_wireguard_crosses_the_underlay \
     test_thirty_containers_at_once_get_distinct_addresses \
     test_networks_stay_isolated_across_hosts \
+    test_remote_blocks_are_routed_only_for_pools_this_host_has_a_network_in \
     test_weft_restart_during_cross_host_ping_loses_nothing \
     test_late_host_converges_within_a_second \
     test_a_vanished_host_is_evicted \

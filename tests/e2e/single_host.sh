@@ -211,6 +211,89 @@ test_a_subnet_over_a_host_route_is_refused_and_the_route_is_never_touched() {
     fail "network rm took the host's route: '$(HX ip -o route show 10.99.0.0/24)'"
 }
 
+# serve NAME [docker run options…]: a container whose httpd on :8080 serves "marker".
+serve() {
+  local name=$1; shift
+  run_bb "$name" "$@"
+  D exec "$name" sh -c 'mkdir -p /www && echo marker >/www/index.html && httpd -p 8080 -h /www'
+}
+# fetches FROM_CONTAINER URL: the container fetched the page within 3 s (busybox wget -T crashes when static, hence timeout).
+fetches() { D exec "$1" timeout 3 wget -q -O - "$2" 2>/dev/null | grep -q marker; }
+
+# Host boundary, inbound: a machine on the underlay (the wan namespace, routing the
+# weft subnet through the host) reaches no weft container, in plaintext or at all,
+# whatever iptables' FORWARD policy is (every host has ACCEPT after a reboot until
+# dockerd sets DROP); the host itself and the network's own containers still do.
+test_the_underlay_reaches_no_container_whatever_the_forward_policy() {
+  trap 'HX iptables -P FORWARD DROP; ip -n "$LAB_WAN" route del 10.47.0.0/24 2>/dev/null; D rm -f ce ce2 >/dev/null 2>&1; D network rm edge >/dev/null 2>&1; true' EXIT
+  D network create -d weft --ipam-driver weft --subnet 10.47.0.0/24 edge >/dev/null
+  serve ce --network edge
+  run_bb ce2 --network edge
+  local ip policy
+  ip=$(ip_of ce edge)
+  ip -n "$LAB_WAN" route add 10.47.0.0/24 via 192.0.2.11
+  fetches ce2 "http://$ip:8080/" || fail "control: the network's own container cannot fetch the page"
+  HX curl -s --max-time 3 "http://$ip:8080/" | grep -q marker || fail "control: the host cannot fetch the page"
+  ip netns exec "$LAB_WAN" busybox ping -c 1 -W 2 192.0.2.11 >/dev/null || fail "control: the underlay cannot ping the host"
+  for policy in ACCEPT DROP; do
+    HX iptables -P FORWARD "$policy"
+    ! ip netns exec "$LAB_WAN" curl -s --max-time 3 "http://$ip:8080/" | grep -q marker ||
+      fail "FORWARD policy $policy: a machine on the underlay fetched a page from $ip in plaintext"
+    ! ip netns exec "$LAB_WAN" busybox ping -c 1 -W 2 "$ip" >/dev/null 2>&1 ||
+      fail "FORWARD policy $policy: a machine on the underlay pinged $ip"
+  done
+}
+
+# Host boundary, Docker's networks: weft networks and Docker bridge networks (the
+# default bridge and a user-defined one) cannot reach each other either way, as two
+# Docker bridge networks cannot (the control); and a rule in DOCKER-USER applies to
+# weft traffic, also after weft has put its own FORWARD jump back.
+test_docker_bridge_networks_and_weft_networks_cannot_reach_each_other() {
+  trap 'HX iptables -D DOCKER-USER -s 10.48.0.0/24 -d 192.0.2.1 -j DROP 2>/dev/null; D rm -f sw s0 s1 s2 >/dev/null 2>&1; for n in wn b1 b2; do D network rm $n >/dev/null 2>&1; done; true' EXIT
+  D network create -d weft --ipam-driver weft --subnet 10.48.0.0/24 wn >/dev/null
+  D network create --subnet 172.30.1.0/24 b1 >/dev/null
+  D network create --subnet 172.30.2.0/24 b2 >/dev/null
+  serve sw --network wn; serve s0; serve s1 --network b1; serve s2 --network b2
+  local w a0 a1 errs=()
+  w=$(ip_of sw wn); a0=$(D inspect -f '{{.NetworkSettings.IPAddress}}' s0); a1=$(ip_of s1 b1)
+  fetches s2 "http://$a1:8080/" && fail "control: Docker bridge b2 reached bridge b1; Docker does not isolate them here"
+  fetches s1 "http://$a1:8080/" || fail "control: s1 cannot fetch its own page"
+  fetches sw "http://$a1:8080/" && errs+=("weft -> user-defined bridge b1 ($a1)")
+  fetches sw "http://$a0:8080/" && errs+=("weft -> default bridge ($a0)")
+  fetches s1 "http://$w:8080/" && errs+=("user-defined bridge b1 -> weft ($w)")
+  fetches s0 "http://$w:8080/" && errs+=("default bridge -> weft ($w)")
+  # DOCKER-USER comes first, also after weft repairs its jump (as after a restart).
+  pings sw 192.0.2.1 || fail "control: the weft container cannot reach the underlay"
+  HX iptables -D FORWARD -j WEFT-FORWARD
+  retry 50 nsenter -t "$(lab_holder $H)" -n iptables -C FORWARD -j WEFT-FORWARD 2>/dev/null
+  HX iptables -I DOCKER-USER -s 10.48.0.0/24 -d 192.0.2.1 -j DROP
+  pings sw 192.0.2.1 && errs+=("a DROP rule in DOCKER-USER did not apply to weft traffic (FORWARD: $(HX iptables -S FORWARD | grep -E 'DOCKER-USER|WEFT' | tr '\n' ' '))")
+  [ "${#errs[@]}" = 0 ] || { for e in "${errs[@]}"; do echo "    FAIL: $e" >&2; done; return 1; }
+}
+
+# Host boundary, containers to the host: by default a container reaches, on its host,
+# only its own gateway and only for ICMP; a host service (here an httpd on :8099) is
+# out of reach on the gateway address and on the host's underlay address, and so is a
+# ping to the latter. -o weft.host-access=true lets a network's containers in.
+test_containers_reach_only_their_gateway_on_the_host() {
+  local dir pid errs=()
+  dir=$(lab_dir $H)/hostwww
+  mkdir -p "$dir"; echo marker >"$dir/index.html"
+  pid=$(lab_spawn $H "$dir.log" busybox httpd -f -p 8099 -h "$dir")
+  trap 'kill '"$pid"' 2>/dev/null; D rm -f ch cha >/dev/null 2>&1; D network rm hn ha >/dev/null 2>&1; true' EXIT
+  D network create -d weft --ipam-driver weft --subnet 10.49.0.0/24 hn >/dev/null
+  D network create -d weft --ipam-driver weft --subnet 10.50.0.0/24 -o weft.host-access=true ha >/dev/null
+  run_bb ch --network hn; run_bb cha --network ha
+  retry 20 sh -c "nsenter -t $(lab_holder $H) -n curl -s --max-time 1 http://192.0.2.11:8099/ | grep -q marker" ||
+    fail "control: the host's httpd does not answer"
+  pings ch 10.49.0.1 || errs+=("a container cannot ping its own gateway")
+  fetches ch "http://10.49.0.1:8099/" && errs+=("a container reached a host service on its gateway address")
+  fetches ch "http://192.0.2.11:8099/" && errs+=("a container reached a host service on the host's underlay address")
+  pings ch 192.0.2.11 && errs+=("a container pinged the host's underlay address")
+  fetches cha "http://192.0.2.11:8099/" || errs+=("with -o weft.host-access=true a container cannot reach the host's service")
+  [ "${#errs[@]}" = 0 ] || { for e in "${errs[@]}"; do echo "    FAIL: $e" >&2; done; return 1; }
+}
+
 test_sigterm_removes_the_socket_and_a_stale_one_is_replaced() {
   lab_weft_stop $H TERM
   HX test -e /run/docker/plugins/weft.sock && fail "socket left after SIGTERM"
@@ -240,6 +323,9 @@ main() {
     test_dockerd_restart \
     test_automatic_subnet \
     test_a_subnet_over_a_host_route_is_refused_and_the_route_is_never_touched \
+    test_the_underlay_reaches_no_container_whatever_the_forward_policy \
+    test_docker_bridge_networks_and_weft_networks_cannot_reach_each_other \
+    test_containers_reach_only_their_gateway_on_the_host \
     test_sigterm_removes_the_socket_and_a_stale_one_is_replaced \
     test_removal_leaves_nothing_behind; do
     run_test "$t"
