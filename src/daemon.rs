@@ -314,6 +314,13 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "reconcile incomplete"),
                 }
+                // Back from being taken for gone: references and memberships again.
+                if let Err(e) = ipam.restore_references().await {
+                    warn!(error = %e, "pool references not checked");
+                }
+                if let Err(e) = driver.restore_memberships().await {
+                    warn!(error = %e, "network memberships not checked");
+                }
                 match driver.addresses_in_use().await {
                     Ok(in_use) => {
                         if let Err(e) = ipam.collect_unused_addresses(&in_use, address_grace).await

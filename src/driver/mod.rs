@@ -132,6 +132,26 @@ impl Driver {
         Ok(())
     }
 
+    /// Puts this host back into the overlay record of every network it has (a host
+    /// taken for gone while cut off loses its memberships in the reclaim). Returns how
+    /// many it put right.
+    pub async fn restore_memberships(&self) -> Result<usize, DriverError> {
+        let mut restored = 0;
+        for n in self.networks().await? {
+            let member = self
+                .cluster
+                .get_json::<OverlayRecord>(&keys::overlay(n.subnet))
+                .await?
+                .is_some_and(|r| r.value.hosts.contains(&self.host));
+            if !member {
+                self.join_overlay(n.subnet, n.name.as_deref()).await?;
+                warn!(subnet = %n.subnet, "this host's membership of a network it still has was gone (reclaimed while it was cut off); restored it");
+                restored += 1;
+            }
+        }
+        Ok(restored)
+    }
+
     async fn leave_overlay(&self, subnet: Ipv4Network) -> Result<(), DriverError> {
         let host = self.host.clone();
         self.cluster

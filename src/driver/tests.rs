@@ -260,17 +260,20 @@ async fn reconcile_forgets_dead_containers_repairs_links_and_removes_orphans() {
     assert!(store.get(&keys::network(NET)).await.unwrap().is_some());
 }
 
+/// Host `id`'s driver, with its own local store, on the shared `cluster` store.
+fn host_on(cluster: &Arc<EmbeddedStore>, id: &str) -> Driver {
+    Driver::new(
+        Arc::new(EmbeddedStore::in_memory()),
+        Arc::new(FakeDatapath::new()),
+        DriverConfig::default(),
+    )
+    .with_cluster(cluster.clone(), id.into())
+}
+
 #[tokio::test]
 async fn a_network_name_must_match_across_hosts() {
     let cluster = Arc::new(EmbeddedStore::in_memory());
-    let host = |id: &str| {
-        Driver::new(
-            Arc::new(EmbeddedStore::in_memory()),
-            Arc::new(FakeDatapath::new()),
-            DriverConfig::default(),
-        )
-        .with_cluster(cluster.clone(), id.into())
-    };
+    let host = |id: &str| host_on(&cluster, id);
     let (a, b, c) = (host("a"), host("b"), host("c"));
     a.create_network(create_req(
         NET,
@@ -448,4 +451,37 @@ async fn a_subnet_over_a_route_weft_did_not_add_is_refused_unless_allowed() {
         .await
         .unwrap_err();
     assert!(matches!(bad, DriverError::Invalid(_)), "{bad}");
+}
+
+/// A host taken for gone while cut off loses its overlay memberships; it puts itself
+/// back for every network it still has (and only those), keeping the agreed name.
+#[tokio::test]
+async fn a_returning_host_restores_its_memberships() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let d = host_on(&cluster, "h2");
+    d.create_network(create_req(
+        NET,
+        "10.42.0.0/16",
+        json!({"weft.network": "blue"}),
+        false,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        d.restore_memberships().await.unwrap(),
+        0,
+        "nothing to put right"
+    );
+    // The reclaim removed h2 (the last member, so the record went).
+    let key = keys::overlay("10.42.0.0/16".parse().unwrap());
+    cluster.delete(&key, None).await.unwrap();
+    assert_eq!(d.restore_memberships().await.unwrap(), 1);
+    let rec = cluster
+        .get_json::<OverlayRecord>(&key)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(rec.hosts, ["h2".to_string()].into());
+    assert_eq!(rec.name.as_deref(), Some("blue"));
 }

@@ -12,6 +12,62 @@ use crate::schema::{NetworkRecord, PoolRecord};
 use crate::store::StoreExt;
 
 impl Ipam {
+    /// Puts this host back into the pool record of every network it still has: a host
+    /// taken for gone while cut off loses its references in the reclaim, and without
+    /// them the pool would be refused to it after a restart, or deleted under it by
+    /// the last other host. A pool record that is gone is written again from what this
+    /// host last knew of it. Returns the pools put right.
+    pub async fn restore_references(&self) -> Result<usize, IpamError> {
+        let mut networks: BTreeMap<Ipv4Network, u32> = BTreeMap::new();
+        for (_, n) in self
+            .local
+            .list_json::<NetworkRecord>(keys::NETWORKS)
+            .await?
+        {
+            *networks.entry(n.value.subnet).or_default() += 1;
+        }
+        let _guard = self.alloc.lock().await;
+        let mut restored = 0;
+        for (pool, count) in networks {
+            let current = self
+                .cluster
+                .get_json::<PoolRecord>(&keys::pool(pool))
+                .await?;
+            if current.is_some_and(|r| r.value.refs.contains_key(&self.host)) {
+                continue;
+            }
+            let known = self
+                .pools
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&pool)
+                .cloned();
+            let host = self.host.clone();
+            let after = self
+                .modify_pool(pool, |current| {
+                    let Some(mut rec) = current.or_else(|| {
+                        known.clone().map(|mut r| {
+                            r.refs.clear();
+                            r.aux.retain(|_, hosts| hosts.contains(&host));
+                            r
+                        })
+                    }) else {
+                        return Ok(None);
+                    };
+                    rec.refs.entry(host.clone()).or_insert(count);
+                    Ok(Some(rec))
+                })
+                .await?;
+            if after.is_some() {
+                tracing::warn!(%pool, "this host's references to a pool it still uses were gone (reclaimed while it was cut off); restored them");
+                restored += 1;
+            } else {
+                tracing::error!(%pool, "the pool record of a network this host still has is gone and this host does not know it; remove the network and create it again");
+            }
+        }
+        Ok(restored)
+    }
+
     pub(super) fn block_prefix(&self, options: &BTreeMap<String, String>) -> Result<u8, IpamError> {
         for key in options.keys() {
             if key.starts_with("weft.") && key != BLOCK_SIZE_OPTION {

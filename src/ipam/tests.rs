@@ -991,3 +991,52 @@ async fn offline_a_host_hands_out_only_what_it_has_published() {
         .published;
     assert!(published.contains(&first) && offline.is_subset(&published));
 }
+
+/// A host taken for gone while cut off loses its pool references in the reclaim; it
+/// puts them back for the networks it still has, and writes a vanished pool record
+/// again from what it knew of it.
+#[tokio::test]
+async fn a_returning_host_restores_its_pool_references() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let pool = pool_of("10.42.0.0/24");
+    let request = || {
+        pool_req(
+            "10.42.0.0/24",
+            "10.42.0.128/25",
+            &[(BLOCK_SIZE_OPTION, "28")],
+        )
+    };
+    let h1 = host(&cluster, "h1", vec![]);
+    let h2 = host(&cluster, "h2", vec![]);
+    h1.ipam.request_pool(request()).await.unwrap();
+    h2.ipam.request_pool(request()).await.unwrap();
+    attach_network(&h2, "10.42.0.0/24").await;
+    assert_eq!(
+        h2.ipam.restore_references().await.unwrap(),
+        0,
+        "nothing to put right"
+    );
+    // h2 has no seen/ record: h1 takes it for gone and removes its references.
+    h1.ipam.blocks().reclaim(&[]).await.unwrap();
+    let refs = |c: &Arc<EmbeddedStore>| {
+        let c = c.clone();
+        async move {
+            c.get_json::<PoolRecord>(&keys::pool(pool))
+                .await
+                .unwrap()
+                .map(|r| r.value)
+        }
+    };
+    assert!(!refs(&cluster).await.unwrap().refs.contains_key("h2"));
+    assert_eq!(h2.ipam.restore_references().await.unwrap(), 1);
+    assert_eq!(refs(&cluster).await.unwrap().refs.get("h2"), Some(&1));
+    // The pool record vanished altogether: written again, as it was.
+    cluster.delete(&keys::pool(pool), None).await.unwrap();
+    assert_eq!(h2.ipam.restore_references().await.unwrap(), 1);
+    let back = refs(&cluster).await.unwrap();
+    assert_eq!(back.refs, BTreeMap::from([("h2".to_string(), 1)]));
+    assert_eq!(
+        (back.block_prefix, back.sub_pool),
+        (28, Some(pool_of("10.42.0.128/25")))
+    );
+}

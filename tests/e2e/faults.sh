@@ -345,6 +345,13 @@ test_a_host_cut_off_from_everything_past_the_grace_shares_no_address() {
     ip=$(ip_of h2 "ib$i" iso)
     [[ " $reserved " == *" $ip "* ]] || errs+=("(d) h2's ib$i ($ip) is in a block h1 took, but h1's status does not show it reserved for h2")
   done
+  # (f) h2 is back in the pool's references and the network's members (the reclaim
+  # removed it from both).
+  member_again() {
+    etcdctl_lab get --print-value-only /weft/v1/pools/10.66.0.0_24 | jq -e --arg h "$id2" '.refs | has($h)' >/dev/null &&
+      etcdctl_lab get --print-value-only /weft/v1/overlays/10.66.0.0_24 | jq -e --arg h "$id2" '.hosts | index($h)' >/dev/null
+  }
+  within 10 member_again || errs+=("(f) h2 is not back in the pool's refs and the overlay's hosts: $(etcdctl_lab get --print-value-only /weft/v1/pools/10.66.0.0_24) $(etcdctl_lab get --print-value-only /weft/v1/overlays/10.66.0.0_24)")
   # (e) h2's old containers are still reachable from h1's, and back.
   local a1
   a1=$(ip_of h1 ia1 iso)
