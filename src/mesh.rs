@@ -264,22 +264,22 @@ impl Mesh {
         Ok((diff, next_stale))
     }
 
-    /// Every reserved address in a pool of `here`, as a /32 of the host it is reserved for.
+    /// Every reserved address in a pool of `here`, as a /32 of the host it is reserved
+    /// for; never one a container of this host holds (its own /32 stays).
     async fn reserved_routes(
         &self,
         here: &std::collections::BTreeSet<Ipv4Network>,
     ) -> Result<Vec<(Ipv4Network, String)>, MeshError> {
+        let mine = self.blocks.addresses_here().await?;
         Ok(self
             .blocks
             .reservations_checked()
             .await?
             .into_iter()
             .filter(|r| here.contains(&r.pool))
-            .flat_map(|r| {
-                r.addresses
-                    .into_iter()
-                    .map(move |ip| (Ipv4Network::from(ip), r.host.clone()))
-            })
+            .flat_map(|r| r.addresses.into_iter().map(move |ip| (ip, r.host.clone())))
+            .filter(|(ip, _)| !mine.contains(ip))
+            .map(|(ip, host)| (Ipv4Network::from(ip), host))
             .collect())
     }
 
@@ -288,8 +288,14 @@ impl Mesh {
         self.wake.notify_one();
     }
 
-    /// Reconciles on every wake-up, and at least every `every`.
+    /// Reconciles on every wake-up, and at least every `every` (more often when this
+    /// host's reservations must be rewritten sooner).
     pub async fn run(self: Arc<Self>, every: Duration) {
+        let every = every.min(
+            self.blocks
+                .reservation_refresh()
+                .max(Duration::from_secs(1)),
+        );
         loop {
             let mut wait = every;
             match self.pass().await {
@@ -558,6 +564,17 @@ mod tests {
         let routes: Vec<String> =
             dp.with(|s| s.tunnel_routes.iter().map(|r| r.to_string()).collect());
         assert_eq!(routes, ["10.42.0.2/32", "10.42.0.3/32"]);
+        // One of them is also on a container here (a duplicate from before): its own
+        // /32 stays, no tunnel route takes it over.
+        let record = crate::schema::AddressRecord { block, since: 1 };
+        store
+            .create_json(&keys::address(pool, "10.42.0.3".parse().unwrap()), &record)
+            .await
+            .unwrap();
+        mesh.reconcile().await.unwrap();
+        let routes: Vec<String> =
+            dp.with(|s| s.tunnel_routes.iter().map(|r| r.to_string()).collect());
+        assert_eq!(routes, ["10.42.0.2/32"]);
         store.delete(&keys::host("b"), None).await.unwrap();
         mesh.reconcile().await.unwrap();
         assert!(

@@ -82,7 +82,7 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
     let _ = writeln!(
         s,
         "  chain forward {{\n    type filter hook forward priority -5; policy accept;\n    \
-         ip daddr @subnets ct state new iifname != {weft_ifs} ct status ! dnat drop\n    \
+         ip daddr @subnets ct state != {{ established, related }} iifname != {weft_ifs} ct status ! dnat drop\n    \
          ip saddr @subnets oifname {{ \"docker0\", \"br-*\" }} ct status ! dnat drop"
     );
     for n in &desired.networks {
@@ -381,7 +381,7 @@ mod tests {
         let r = render(&desired, Some("weft0"));
         // Into weft's subnets only from its links, the tunnel, or published (DNAT).
         assert!(r.contains(
-            "ip daddr @subnets ct state new iifname != { \"wfh*\", \"weft0\" } ct status ! dnat drop"
+            "ip daddr @subnets ct state != { established, related } iifname != { \"wfh*\", \"weft0\" } ct status ! dnat drop"
         ));
         assert!(
             r.contains("ip saddr @subnets oifname { \"docker0\", \"br-*\" } ct status ! dnat drop")
@@ -398,7 +398,9 @@ mod tests {
         );
         assert!(input.trim_end().ends_with("drop\n  }"), "{input}");
         // One host: no tunnel.
-        assert!(render(&desired, None).contains("iifname != \"wfh*\" ct status ! dnat drop"));
+        assert!(
+            render(&desired, None).contains("related } iifname != \"wfh*\" ct status ! dnat drop")
+        );
     }
 
     #[test]

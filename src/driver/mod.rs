@@ -136,20 +136,34 @@ impl Driver {
     /// taken for gone while cut off loses its memberships in the reclaim). Returns how
     /// many it put right.
     pub async fn restore_memberships(&self) -> Result<usize, DriverError> {
+        // Under the lock: a network being deleted or rolled back must not come back.
+        let _ops = self.ops.lock().await;
         let mut restored = 0;
+        let mut errors = Vec::new();
         for n in self.networks().await? {
-            let member = self
+            let member = match self
                 .cluster
                 .get_json::<OverlayRecord>(&keys::overlay(n.subnet))
-                .await?
-                .is_some_and(|r| r.value.hosts.contains(&self.host));
-            if !member {
-                self.join_overlay(n.subnet, n.name.as_deref()).await?;
-                warn!(subnet = %n.subnet, "this host's membership of a network it still has was gone (reclaimed while it was cut off); restored it");
-                restored += 1;
+                .await
+            {
+                Ok(r) => r.is_some_and(|r| r.value.hosts.contains(&self.host)),
+                Err(e) => {
+                    errors.push(e.into());
+                    continue;
+                }
+            };
+            if member {
+                continue;
+            }
+            match self.join_overlay(n.subnet, n.name.as_deref()).await {
+                Ok(()) => {
+                    warn!(subnet = %n.subnet, "this host's membership of a network it still has was gone (reclaimed while it was cut off); restored it");
+                    restored += 1;
+                }
+                Err(e) => errors.push(e),
             }
         }
-        Ok(restored)
+        first_error(errors).map(|()| restored)
     }
 
     async fn leave_overlay(&self, subnet: Ipv4Network) -> Result<(), DriverError> {

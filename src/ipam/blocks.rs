@@ -245,6 +245,25 @@ impl Blocks {
         Ok(out)
     }
 
+    /// Every address this host has handed out (its local address records).
+    pub async fn addresses_here(&self) -> Result<BTreeSet<Ipv4Addr>, StoreError> {
+        Ok(self
+            .local
+            .list(keys::ADDRESSES)
+            .await?
+            .into_iter()
+            .filter_map(|(k, _)| match Key::parse(&k) {
+                Ok(Key::Address { ip, .. }) => Some(ip),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// How often this host must rewrite its reservations (a third of their lifetime).
+    pub fn reservation_refresh(&self) -> std::time::Duration {
+        self.grace / 3
+    }
+
     /// The pools this host has a network in (a weft network's subnet is its pool):
     /// the only ones whose blocks it routes.
     pub async fn pools_here(&self) -> Result<BTreeSet<Ipv4Network>, StoreError> {
@@ -374,6 +393,25 @@ impl Blocks {
         ip: Ipv4Addr,
         taken: &BTreeSet<Ipv4Addr>,
     ) -> Result<(), IpamError> {
+        let key = keys::block(pool.pool, block);
+        // Ownership first, reservations after: a reclaim writes its reservation before
+        // it frees the block, so once the block is this host's, every reservation made
+        // before is visible.
+        let claimed = self.claim(&key, &BTreeSet::new()).await?;
+        if claimed {
+            info!(%block, "block claimed");
+        } else {
+            match self.cluster.get_json::<BlockRecord>(&key).await? {
+                Some(r) if r.value.host == self.host => {}
+                Some(r) => {
+                    return Err(IpamError::Conflict(format!(
+                        "block {block} belongs to host {}; choose an address outside it or let weft choose",
+                        r.value.host
+                    )))
+                }
+                None => return Err(StoreError::Contended(key).into()),
+            }
+        }
         let reserved = self.reserved_in_pool(pool.pool).await?;
         let reserved = reserved.get(&block).cloned().unwrap_or_default();
         if reserved.contains(&ip) {
@@ -382,22 +420,7 @@ impl Blocks {
             )));
         }
         let excluded: BTreeSet<Ipv4Addr> = pool.reserved().union(&reserved).copied().collect();
-        let key = keys::block(pool.pool, block);
-        let published = self.to_publish(pool, block, ip, taken, &excluded);
-        if self.claim(&key, &published).await? {
-            info!(%block, "block claimed");
-            return Ok(());
-        }
-        match self.cluster.get_json::<BlockRecord>(&key).await? {
-            Some(r) if r.value.host == self.host => {
-                self.publish(pool, block, ip, taken, &excluded).await
-            }
-            Some(r) => Err(IpamError::Conflict(format!(
-                "block {block} belongs to host {}; choose an address outside it or let weft choose",
-                r.value.host
-            ))),
-            None => Err(StoreError::Contended(key).into()),
-        }
+        self.publish(pool, block, ip, taken, &excluded).await
     }
 
     /// Creates `key` as this host's block with `published`; false if it exists.
@@ -468,6 +491,11 @@ impl Blocks {
             }
         }
         let reservations = self.reservations().await?;
+        let reserved_here: BTreeSet<(Ipv4Network, Ipv4Network)> = reservations
+            .iter()
+            .filter(|r| r.host == self.host)
+            .map(|r| (r.pool, r.block))
+            .collect();
         let mut report = Verified::default();
         let mut conflicts = BTreeMap::new();
         let mut published = BTreeMap::new();
@@ -480,8 +508,21 @@ impl Blocks {
                 .map(|v| (serde_json::from_slice::<BlockRecord>(&v.value), v.revision));
             let owner = match decoded {
                 Some((Ok(r), revision)) if r.host == self.host => {
-                    if let Some(p) = self.publish_in_use(&key, r, revision, addresses).await? {
-                        published.insert(block, p);
+                    // A reservation of this host's in its own block comes from a reclaim
+                    // that raced its return: confirm the block with a write first, so
+                    // that the reclaim's delete (at the revision it read) fails; only
+                    // then may the reservation go.
+                    let confirm = reserved_here.contains(&(pool, block));
+                    match self
+                        .publish_in_use(&key, r, revision, addresses, confirm)
+                        .await?
+                    {
+                        Some(p) => {
+                            published.insert(block, p);
+                        }
+                        None => {
+                            undecided.insert((pool, block));
+                        }
                     }
                     continue;
                 }
@@ -551,7 +592,8 @@ impl Blocks {
     }
 
     /// Makes sure every address this host uses in its own block is published there
-    /// (records written before weft published them have none); returns what is
+    /// (records written before weft published them have none), writing the record
+    /// when something is missing or `confirm` asks for a write anyway; returns what is
     /// published, or None when the record changed meanwhile (the next pass decides).
     async fn publish_in_use(
         &self,
@@ -559,8 +601,9 @@ impl Blocks {
         record: BlockRecord,
         revision: u64,
         in_use: &BTreeSet<Ipv4Addr>,
+        confirm: bool,
     ) -> Result<Option<BTreeSet<Ipv4Addr>>, StoreError> {
-        if in_use.is_subset(&record.published) {
+        if in_use.is_subset(&record.published) && !confirm {
             return Ok(Some(record.published));
         }
         let next = BlockRecord {
@@ -589,11 +632,10 @@ impl Blocks {
             .map(|r| ((r.pool, r.block), &r.addresses))
             .collect();
         for (&(pool, block), &addresses) in lost {
-            let written_lately = self
-                .known()
-                .mine
-                .get(&block)
-                .is_some_and(|(a, at)| a == addresses && now - *at < self.grace / 3);
+            let written_lately =
+                self.known().mine.get(&block).is_some_and(|(a, at)| {
+                    a == addresses && now - *at < self.reservation_refresh()
+                });
             if written_lately && stored.get(&(pool, block)) == Some(&addresses) {
                 continue;
             }

@@ -18,6 +18,9 @@ impl Ipam {
     /// the last other host. A pool record that is gone is written again from what this
     /// host last knew of it. Returns the pools put right.
     pub async fn restore_references(&self) -> Result<usize, IpamError> {
+        // Under the lock, so that a ReleasePool of a network deleted meanwhile is
+        // either seen here (no network) or comes after (and releases what this adds).
+        let _guard = self.alloc.lock().await;
         let mut networks: BTreeMap<Ipv4Network, u32> = BTreeMap::new();
         for (_, n) in self
             .local
@@ -26,46 +29,83 @@ impl Ipam {
         {
             *networks.entry(n.value.subnet).or_default() += 1;
         }
-        let _guard = self.alloc.lock().await;
         let mut restored = 0;
+        let mut first_error = None;
         for (pool, count) in networks {
-            let current = self
-                .cluster
-                .get_json::<PoolRecord>(&keys::pool(pool))
-                .await?;
-            if current.is_some_and(|r| r.value.refs.contains_key(&self.host)) {
-                continue;
-            }
-            let known = self
-                .pools
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&pool)
-                .cloned();
-            let host = self.host.clone();
-            let after = self
-                .modify_pool(pool, |current| {
-                    let Some(mut rec) = current.or_else(|| {
-                        known.clone().map(|mut r| {
-                            r.refs.clear();
-                            r.aux.retain(|_, hosts| hosts.contains(&host));
-                            r
-                        })
-                    }) else {
-                        return Ok(None);
-                    };
-                    rec.refs.entry(host.clone()).or_insert(count);
-                    Ok(Some(rec))
-                })
-                .await?;
-            if after.is_some() {
-                tracing::warn!(%pool, "this host's references to a pool it still uses were gone (reclaimed while it was cut off); restored them");
-                restored += 1;
-            } else {
-                tracing::error!(%pool, "the pool record of a network this host still has is gone and this host does not know it; remove the network and create it again");
+            match self.restore_reference(pool, count).await {
+                Ok(true) => restored += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Ok(restored)
+        first_error.map_or(Ok(restored), Err)
+    }
+
+    /// Puts this host back into `pool` with `count` references (and its aux
+    /// reservations as it knew them); true if it had to.
+    async fn restore_reference(&self, pool: Ipv4Network, count: u32) -> Result<bool, IpamError> {
+        let current = self
+            .cluster
+            .get_json::<PoolRecord>(&keys::pool(pool))
+            .await?;
+        if current
+            .as_ref()
+            .is_some_and(|r| r.value.refs.contains_key(&self.host))
+        {
+            return Ok(false);
+        }
+        let known = self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pool)
+            .cloned();
+        if current.is_none() {
+            let Some(known) = &known else {
+                tracing::error!(%pool, "the pool record of a network this host still has is gone and this host does not know it; remove the network and create it again");
+                return Ok(false);
+            };
+            let overlapping = self
+                .held_pools()
+                .await?
+                .into_iter()
+                .find(|p| p.pool != pool && allocator::overlaps(p.pool, known.pool));
+            if let Some(other) = overlapping {
+                tracing::error!(%pool, other = %other.pool, "the pool record of a network this host still has is gone and an overlapping pool took its place; remove the network");
+                return Ok(false);
+            }
+        }
+        let host = self.host.clone();
+        let my_aux: Vec<Ipv4Addr> = known
+            .iter()
+            .flat_map(|r| r.aux.iter())
+            .filter(|(_, hosts)| hosts.contains(&host))
+            .map(|(ip, _)| *ip)
+            .collect();
+        let after = self
+            .modify_pool(pool, |current| {
+                let Some(mut rec) = current.or_else(|| {
+                    known.clone().map(|mut r| {
+                        r.refs.clear();
+                        r.aux.clear();
+                        r
+                    })
+                }) else {
+                    return Ok(None);
+                };
+                rec.refs.entry(host.clone()).or_insert(count);
+                for ip in &my_aux {
+                    rec.aux.entry(*ip).or_default().insert(host.clone());
+                }
+                Ok(Some(rec))
+            })
+            .await?;
+        if after.is_some() {
+            tracing::warn!(%pool, "this host's references to a pool it still uses were gone (reclaimed while it was cut off); restored them");
+        }
+        Ok(after.is_some())
     }
 
     pub(super) fn block_prefix(&self, options: &BTreeMap<String, String>) -> Result<u8, IpamError> {

@@ -1040,3 +1040,52 @@ async fn a_returning_host_restores_its_pool_references() {
         (28, Some(pool_of("10.42.0.128/25")))
     );
 }
+
+/// A reclaim that raced this host's return leaves a reservation of this host in a
+/// block that is still its own: the host confirms the block with a write (so the
+/// reclaim's delete, at the revision it read, fails) before it drops the reservation.
+#[tokio::test]
+async fn a_returning_host_confirms_its_block_before_dropping_a_racing_reservation() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let pool = pool_of("10.42.0.0/24");
+    let h2 = host(&cluster, "h2", vec![]);
+    let id = pool_id(&h2, "10.42.0.0/24", "").await;
+    attach_network(&h2, "10.42.0.0/24").await;
+    let ip = h2
+        .ipam
+        .request_address(&id, "", &none())
+        .await
+        .unwrap()
+        .ip();
+    let block = allocator::block_of(pool, 26, ip);
+    let key = keys::block(pool, block);
+    // The reclaimer read the block, then wrote h2's reservation.
+    let read = cluster.get(&key).await.unwrap().unwrap().revision;
+    let reservation = crate::schema::ReservedRecord {
+        addresses: [ip].into(),
+    };
+    cluster
+        .put_expiring_json(
+            &keys::reserved(pool, block, "h2"),
+            &reservation,
+            std::time::Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    h2.ipam.blocks().verify().await.unwrap();
+    assert!(
+        !cluster.delete(&key, Some(read)).await.unwrap(),
+        "the reclaim's delete must fail once h2 has confirmed the block"
+    );
+    assert!(h2.ipam.blocks().reservations().await.unwrap().is_empty());
+    assert_eq!(
+        cluster
+            .get_json::<BlockRecord>(&key)
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .host,
+        "h2"
+    );
+}
