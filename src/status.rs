@@ -32,6 +32,9 @@ pub struct Status {
     /// reclaim while they were cut off): nobody hands them out.
     #[serde(default)]
     pub reservations: Vec<Reservation>,
+    /// Which WireGuard carries the tunnel (several hosts only).
+    #[serde(default)]
+    pub wireguard: Option<crate::tunnel::Implementation>,
     /// Cluster records the mesh skipped because they are bad ("key: why").
     #[serde(default)]
     pub skipped_records: Vec<String>,
@@ -168,6 +171,7 @@ impl StatusSource {
             endpoints,
             conflicts: self.blocks.conflicts(),
             reservations,
+            wireguard: self.mesh.as_ref().and_then(|m| m.tunnel().implementation()),
             skipped_records: self.mesh.as_ref().map(|m| m.skipped()).unwrap_or_default(),
             errors,
         })
@@ -188,6 +192,20 @@ pub fn render(s: &Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "host {} — {}", s.host, s.mode);
+    if let Some(wg) = &s.wireguard {
+        let offloads = match wg.offloads {
+            Some(true) => " (TUN and UDP offloads)",
+            Some(false) => " (no offloads: install wireguard-go 0.0.20231211 or later)",
+            None => "",
+        };
+        let _ = writeln!(
+            out,
+            "wireguard: {} {} {}{offloads}",
+            wg.kind,
+            wg.program.as_deref().unwrap_or(""),
+            wg.version.as_deref().unwrap_or("")
+        );
+    }
     if !s.hosts.is_empty() {
         let _ = writeln!(
             out,

@@ -36,6 +36,45 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
 }
 
+/// Which WireGuard carries the tunnel (for `weft status` and the start log).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Implementation {
+    /// `kernel` or `userspace`.
+    pub kind: String,
+    /// The userspace program, and the version it reports.
+    pub program: Option<String>,
+    pub version: Option<String>,
+    /// Whether the userspace program has the TUN and UDP offloads (GSO/GRO) that
+    /// wireguard-go gained in 0.0.20231211; None when not known.
+    pub offloads: Option<bool>,
+}
+
+/// Reads `<program> --version`: the version (the first word that starts with a digit,
+/// or `v` and a digit), and whether the program is wireguard-go.
+pub fn parse_version(output: &str) -> (Option<String>, bool) {
+    let first = output.lines().next().unwrap_or_default();
+    let version = first
+        .split_whitespace()
+        .map(|w| w.strip_prefix('v').unwrap_or(w))
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .map(str::to_string);
+    (version, first.starts_with("wireguard-go"))
+}
+
+/// Whether a wireguard-go binary has the TUN and UDP offloads (GSO/GRO) that came in
+/// 0.0.20231211. Its version string cannot tell (Debian's build of 0.0.20231211
+/// reports v0.0.20230223), so look for the code: UDP GRO on the TUN side and UDP
+/// GSO on the socket side, by their function names, which Go keeps in every binary.
+pub fn has_offloads(binary: &[u8]) -> bool {
+    const MARKS: [&[u8]; 2] = [
+        b"golang.zx2c4.com/wireguard/tun.newUDPGROTable",
+        b"golang.zx2c4.com/wireguard/conn.setGSOSize",
+    ];
+    MARKS
+        .iter()
+        .all(|mark| binary.windows(mark.len()).any(|w| w == *mark))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error("wireguard {what}: {source}")]
@@ -59,6 +98,10 @@ pub trait Tunnel: Send + Sync + 'static {
     /// Makes the peer set equal to `peers`, touching only what differs.
     async fn apply_peers(&self, peers: &[Peer]) -> Result<PeerDiff, TunnelError>;
     async fn peers(&self) -> Result<Vec<PeerStatus>, TunnelError>;
+    /// Which WireGuard carries the tunnel, once the device is set up.
+    fn implementation(&self) -> Option<Implementation> {
+        None
+    }
 }
 
 /// What `apply_peers` changed.
@@ -107,6 +150,31 @@ pub fn diff<'a>(
         .collect();
     stats.removed = removals.len();
     (changes, removals, stats)
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_and_wireguard_go_is_recognised() {
+        let out = "wireguard-go v0.0.20230223\n\nUserspace WireGuard daemon for linux-amd64.\n";
+        assert_eq!(parse_version(out), (Some("0.0.20230223".into()), true));
+        assert_eq!(
+            parse_version("boringtun 0.6.0"),
+            (Some("0.6.0".into()), false)
+        );
+        assert_eq!(parse_version(""), (None, false));
+    }
+
+    #[test]
+    fn the_offloads_are_found_by_their_code() {
+        let with = b"..golang.zx2c4.com/wireguard/tun.newUDPGROTable..golang.zx2c4.com/wireguard/conn.setGSOSize..";
+        assert!(has_offloads(with));
+        // 0.0.20230223 had TCP GRO on the TUN side but neither UDP GRO nor UDP GSO.
+        let without = b"..golang.zx2c4.com/wireguard/tun.tcpGRO..";
+        assert!(!has_offloads(without));
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use rtnetlink::{LinkUnspec, LinkWireguard};
 use tracing::{debug, info, warn};
 use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 
-use super::{diff, Peer, PeerDiff, PeerStatus, Tunnel, TunnelError};
+use super::{diff, Implementation, Peer, PeerDiff, PeerStatus, Tunnel, TunnelError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -44,6 +44,7 @@ pub struct WireGuard {
     private_key: Key,
     config: WireGuardConfig,
     backend: Mutex<Option<Backend>>,
+    implementation: Mutex<Option<Implementation>>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TunnelError {
@@ -70,6 +71,7 @@ impl WireGuard {
             private_key,
             config,
             backend: Mutex::new(None),
+            implementation: Mutex::new(None),
         })
     }
 
@@ -117,6 +119,77 @@ impl WireGuard {
             .execute()
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// Finds out, once, which WireGuard this is (for the userspace one, from
+    /// `<program> --version`), logs it and warns when it lacks the offloads.
+    async fn learn_implementation(&self, backend: Backend) {
+        if self
+            .implementation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return;
+        }
+        let found = match backend {
+            Backend::Userspace => {
+                let program = self.config.userspace_binary.clone();
+                let output = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::process::Command::new(&program)
+                        .arg("--version")
+                        .env_remove("WEFT_ETCD_PASSWORD")
+                        .kill_on_drop(true)
+                        .output(),
+                )
+                .await;
+                let text = match output {
+                    Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout).into_owned(),
+                    _ => String::new(),
+                };
+                let (version, wireguard_go) = super::parse_version(&text);
+                let offloads = match (wireguard_go, find_program(&program)) {
+                    (true, Some(path)) => tokio::task::spawn_blocking(move || {
+                        std::fs::read(path).ok().map(|b| super::has_offloads(&b))
+                    })
+                    .await
+                    .ok()
+                    .flatten(),
+                    _ => None,
+                };
+                Implementation {
+                    kind: "userspace".into(),
+                    program: Some(program),
+                    version,
+                    offloads,
+                }
+            }
+            _ => Implementation {
+                kind: "kernel".into(),
+                program: None,
+                version: None,
+                offloads: None,
+            },
+        };
+        info!(
+            kind = %found.kind,
+            program = found.program.as_deref().unwrap_or("-"),
+            version = found.version.as_deref().unwrap_or("unknown"),
+            offloads = ?found.offloads,
+            "WireGuard implementation"
+        );
+        if found.offloads == Some(false) {
+            warn!(
+                program = found.program.as_deref().unwrap_or("-"),
+                version = found.version.as_deref().unwrap_or("unknown"),
+                "this userspace WireGuard lacks the TUN and UDP offloads (GSO/GRO) and moves several times less data; install wireguard-go 0.0.20231211 or later (Debian 12: from bookworm-backports, as scripts/deps.sh does)"
+            );
+        }
+        *self
+            .implementation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(found);
     }
 
     fn userspace_running(&self) -> bool {
@@ -200,6 +273,18 @@ impl WireGuard {
     }
 }
 
+/// `program` itself if it names a path, else the first match on the `PATH`.
+fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    if program.contains('/') {
+        return Some(program.into());
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
+
 fn status(info: &wireguard_control::PeerInfo) -> PeerStatus {
     PeerStatus {
         public_key: info.config.public_key.to_base64(),
@@ -229,6 +314,13 @@ impl Tunnel for WireGuard {
         self.private_key.get_public().to_base64()
     }
 
+    fn implementation(&self) -> Option<Implementation> {
+        self.implementation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     async fn ensure_device(&self) -> Result<(), TunnelError> {
         let (connection, handle, _) = rtnetlink::new_connection().map_err(io("netlink socket"))?;
         let conn = tokio::spawn(connection);
@@ -256,6 +348,7 @@ impl Tunnel for WireGuard {
             }
         }
         *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend);
+        self.learn_implementation(backend).await;
         let iface = self.iface;
         let key = self.private_key.clone();
         let port = self.config.listen_port;

@@ -91,7 +91,12 @@ peer = [h for h in hosts if not h["this_host"]][0]
 assert peer["last_handshake_secs_ago"] is not None and peer["last_handshake_secs_ago"] < 180, peer
 assert peer["blocks"] and s["blocks"], s
 assert s["endpoints"] and s["networks"][0]["subnet"] == "10.42.0.0/16", s
+# The lab runs the userspace WireGuard that scripts/deps.sh installs: the one with
+# the offloads (wireguard-go 0.0.20231211 or later, bookworm-backports on Debian 12).
+wg = s["wireguard"]
+assert wg["kind"] == "userspace" and wg["offloads"] is True, wg
 PY
+  grep -q '"WireGuard implementation"\|WireGuard implementation' "$(lab_dir h1)/weft.log" || fail "weft's log does not name its WireGuard implementation"
 }
 
 test_only_wireguard_crosses_the_underlay() {
