@@ -93,35 +93,91 @@ B1=$(D h1 inspect -f '{{.NetworkSettings.IPAddress}}' b1)
 D h1 exec -d b1 iperf3 -s -p 5201
 lab_spawn h2 "$LAB_ROOT/iperf-underlay.log" iperf3 -s -p 5202 >/dev/null
 
-log "plain WireGuard tunnel between the same hosts ($(wireguard-go --version 2>/dev/null | head -1))"
+# plain_tunnel BINARY DEV PORT NET: a WireGuard tunnel set up by hand between h1 and
+# h2 with BINARY (NET.1 on h1, NET.2 on h2), the ceiling weft is measured against.
+plain_tunnel() {
+  local bin=$1 dev=$2 port=$3 net=$4 i j
+  for i in 1 2; do
+    lab_exec "h$i" env -u WG_PROCESS_FOREGROUND "$bin" "$dev" >/dev/null 2>&1
+  done
+  for i in 1 2; do
+    j=$((3 - i))
+    lab_exec "h$i" wg set "$dev" listen-port "$port" private-key "$LAB_ROOT/wg$i.key" \
+      peer "$(cat "$LAB_ROOT/wg$j.pub")" endpoint "192.0.2.1$j:$port" allowed-ips "$net.$j/32"
+    lab_exec "h$i" ip addr add "$net.$i/24" dev "$dev"
+    lab_exec "h$i" ip link set "$dev" mtu 1420 up
+  done
+}
 for i in 1 2; do
   lab_exec "h$i" sh -c "umask 077; wg genkey > $LAB_ROOT/wg$i.key && wg pubkey < $LAB_ROOT/wg$i.key > $LAB_ROOT/wg$i.pub"
-  lab_exec "h$i" env -u WG_PROCESS_FOREGROUND wireguard-go wgb0 >/dev/null 2>&1
 done
-for i in 1 2; do
-  j=$((3 - i))
-  lab_exec "h$i" wg set wgb0 listen-port 51900 private-key "$LAB_ROOT/wg$i.key" \
-    peer "$(cat "$LAB_ROOT/wg$j.pub")" endpoint "192.0.2.1$j:51900" allowed-ips "10.99.0.$j/32"
-  lab_exec "h$i" ip addr add "10.99.0.$i/24" dev wgb0
-  lab_exec "h$i" ip link set wgb0 mtu 1420 up
-done
+log "plain WireGuard tunnel between the same hosts ($(wireguard-go --version 2>/dev/null | head -1), package $(dpkg-query -W -f '${Version}' wireguard-go))"
+plain_tunnel wireguard-go wgb0 51900 10.99.0
 lab_spawn h2 "$LAB_ROOT/iperf-wg.log" iperf3 -s -p 5203 >/dev/null
 sleep 1
 
-log "1. TCP throughput (${SECS}s x $RUNS runs each)"
-for streams in 1 4; do
-  u=() w=() g=() b=()
-  for _ in $(seq "$RUNS"); do
-    u+=("$(lab_exec h1 iperf3 -c 192.0.2.12 -p 5202 -t "$SECS" -P "$streams" -J | iperf_gbps)")
-    g+=("$(lab_exec h1 iperf3 -c 10.99.0.2 -p 5203 -t "$SECS" -P "$streams" -J | iperf_gbps)")
-    w+=("$(D h1 exec c1 iperf3 -c "$C2" -p 5201 -t "$SECS" -P "$streams" -J | iperf_gbps)")
-    b+=("$(D h1 exec b2 iperf3 -c "$B1" -p 5201 -t "$SECS" -P "$streams" -J | iperf_gbps)")
+# Debian 12's own wireguard-go (0.0.20220316, no offloads), fetched as a .deb and
+# unpacked, never installed: what weft ran before, for the side-by-side figures.
+OLD_WG=""
+if [ "$(. /etc/os-release && echo "${VERSION_CODENAME:-}")" = bookworm ]; then
+  cache=/var/cache/weft/bench/wireguard-go-bookworm
+  if [ ! -x "$cache/usr/bin/wireguard-go" ]; then
+    mkdir -p "$cache"
+    (cd "$cache" && apt-get download -qq wireguard-go/bookworm >/dev/null 2>&1 && dpkg-deb -x wireguard-go_*.deb .) || true
+  fi
+  [ -x "$cache/usr/bin/wireguard-go" ] && OLD_WG=$cache/usr/bin/wireguard-go
+fi
+
+# throughput LABEL TUNNEL-IP: the plain tunnel and weft, 1 and 4 streams (with no
+# LABEL also the underlay and Docker's bridge, measured in the same rounds); weft's
+# baseline is the plain tunnel with the same wireguard-go, the others' the underlay.
+throughput() {
+  local label=$1 tunnel=$2 streams u w g b
+  for streams in 1 4; do
+    u=() w=() g=() b=()
+    for _ in $(seq "$RUNS"); do
+      if [ -z "$label" ]; then
+        u+=("$(lab_exec h1 iperf3 -c 192.0.2.12 -p 5202 -t "$SECS" -P "$streams" -J | iperf_gbps)")
+        b+=("$(D h1 exec b2 iperf3 -c "$B1" -p 5201 -t "$SECS" -P "$streams" -J | iperf_gbps)")
+      fi
+      g+=("$(lab_exec h1 iperf3 -c "$tunnel" -p 5203 -t "$SECS" -P "$streams" -J | iperf_gbps)")
+      w+=("$(D h1 exec c1 iperf3 -c "$C2" -p 5201 -t "$SECS" -P "$streams" -J | iperf_gbps)")
+    done
+    [ -n "$label" ] || record "throughput underlay ${streams} stream(s)" Gbit/s "${u[@]}"
+    record "throughput plain WireGuard${label} ${streams} stream(s)" Gbit/s --baseline "throughput underlay ${streams} stream(s)" "${g[@]}"
+    record "throughput weft cross-host${label} ${streams} stream(s)" Gbit/s --baseline "throughput plain WireGuard${label} ${streams} stream(s)" "${w[@]}"
+    [ -n "$label" ] || record "throughput docker bridge same host ${streams} stream(s)" Gbit/s --baseline "throughput underlay ${streams} stream(s)" "${b[@]}"
   done
-  record "throughput underlay ${streams} stream(s)" Gbit/s "${u[@]}"
-  record "throughput plain WireGuard ${streams} stream(s)" Gbit/s --baseline "throughput underlay ${streams} stream(s)" "${g[@]}"
-  record "throughput weft cross-host ${streams} stream(s)" Gbit/s --baseline "throughput underlay ${streams} stream(s)" "${w[@]}"
-  record "throughput docker bridge same host ${streams} stream(s)" Gbit/s --baseline "throughput underlay ${streams} stream(s)" "${b[@]}"
-done
+}
+
+# weft_with BINARY: weft on h1 and h2 restarted with BINARY as its userspace WireGuard
+# (the old process goes with its link), until c1 reaches c2 again.
+weft_with() {
+  local h
+  for h in h1 h2; do
+    lab_weft_stop "$h" TERM
+    lab_exec "$h" ip link del weft0 2>/dev/null || true
+    # wireguard-go exits when its link goes; a new weft must not adopt it.
+    for _ in $(seq 50); do lab_exec "$h" test -S /run/wireguard/weft0.sock || break; sleep 0.1; done
+  done
+  for h in h1 h2; do (export WEFT_WIREGUARD_USERSPACE=$1; lab_weft_start "$h"); done
+  grep -q "WireGuard implementation" "$(lab_dir h1)/weft.log"
+  until D h1 exec c1 ping -c 1 -W 1 "$C2" >/dev/null 2>&1; do sleep 0.2; done
+}
+
+log "1. TCP throughput (${SECS}s x $RUNS runs each)"
+throughput "" 10.99.0.2
+if [ -n "$OLD_WG" ]; then
+  log "1b. the same with Debian 12's wireguard-go ($("$OLD_WG" --version | head -1), no offloads)"
+  plain_tunnel "$OLD_WG" wgo0 51901 10.98.0
+  weft_with "$OLD_WG"
+  lab_exec h1 "$WEFT_BIN" status --json | python3 -c 'import json,sys; w=json.load(sys.stdin)["wireguard"]; assert w["offloads"] is False, w' ||
+    { log "weft did not switch to the old wireguard-go"; exit 1; }
+  throughput ", wireguard-go 0.0.20220316" 10.98.0.2
+  weft_with wireguard-go
+else
+  log "1b. skipped: Debian 12's own wireguard-go is not at hand"
+fi
 
 log "2. latency ($PINGS pings each)"
 rtts() { grep -o 'time=[0-9.]*' | cut -d= -f2; }
@@ -252,6 +308,7 @@ recs = [json.loads(l) for l in open(rec_path)]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
 cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
 wg = subprocess.run(["wireguard-go", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+wg += " (Debian package " + subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "wireguard-go"], capture_output=True, text=True).stdout.strip() + ")"
 machine = {"cpu": cpu, "cores": cores, "kernel": platform.release(), "wireguard": f"userspace: {wg} (this kernel has no WireGuard module)",
            "docker": subprocess.run(["dockerd", "--version"], capture_output=True, text=True).stdout.strip()}
 json.dump({"machine": machine, "quick": quick == "1", "records": recs}, open(out, "w"), indent=1)
