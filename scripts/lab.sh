@@ -3,7 +3,8 @@
 # its own dockerd and weft daemon, on an underlay bridge (192.0.2.0/24) with one etcd
 # at 192.0.2.1:2379. Nothing is routed outside the lab's namespaces.
 #
-#   sudo scripts/lab.sh up N            bring up hosts h1..hN (builds weft first)
+#   sudo scripts/lab.sh up N            bring up hosts h1..hN (installs the packages
+#                                       and builds weft first)
 #   sudo scripts/lab.sh exec HOST CMD…  run a command on a host (e.g. ip route)
 #   sudo scripts/lab.sh docker HOST …   the docker CLI against a host's dockerd
 #   sudo scripts/lab.sh status HOST     weft status on a host
@@ -19,6 +20,8 @@ cmd=${1:-}; shift || true
 case "$cmd" in
   up)
     n=${1:?usage: lab.sh up N}
+    # The packages (dockerd, etcd, the offloaded wireguard-go…), as up.sh does.
+    scripts/deps.sh
     [ -x "$WEFT_BIN" ] || cargo build --locked --release
     lab_etcd_up
     for i in $(seq "$n"); do
