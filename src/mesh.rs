@@ -371,15 +371,10 @@ mod tests {
     }
 
     async fn seed_network(store: &EmbeddedStore, subnet: Ipv4Network) {
-        let net = crate::schema::NetworkRecord {
-            id: format!("net-{}", keys::cidr_segment(subnet)),
+        let net = crate::schema::NetworkRecord::for_subnet(
+            format!("net-{}", keys::cidr_segment(subnet)),
             subnet,
-            gateway: None,
-            internal: false,
-            mtu: 1420,
-            name: None,
-            host_access: false,
-        };
+        );
         store
             .create_json(&keys::network(&net.id), &net)
             .await

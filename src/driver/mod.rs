@@ -136,31 +136,38 @@ impl Driver {
     /// taken for gone while cut off loses its memberships in the reclaim). Returns how
     /// many it put right.
     pub async fn restore_memberships(&self) -> Result<usize, DriverError> {
-        // Under the lock: a network being deleted or rolled back must not come back.
-        let _ops = self.ops.lock().await;
-        let mut restored = 0;
+        // Checked without the lock (nearly always nothing is missing); a missing one is
+        // put back under it, and only if its network is still there: a network being
+        // deleted or rolled back must not come back.
         let mut errors = Vec::new();
+        let mut missing = Vec::new();
         for n in self.networks().await? {
-            let member = match self
+            match self
                 .cluster
                 .get_json::<OverlayRecord>(&keys::overlay(n.subnet))
                 .await
             {
-                Ok(r) => r.is_some_and(|r| r.value.hosts.contains(&self.host)),
-                Err(e) => {
-                    errors.push(e.into());
+                Ok(r)
+                    if r.as_ref()
+                        .is_some_and(|r| r.value.hosts.contains(&self.host)) => {}
+                Ok(_) => missing.push(n.id),
+                Err(e) => errors.push(e.into()),
+            }
+        }
+        let mut restored = 0;
+        if !missing.is_empty() {
+            let _ops = self.ops.lock().await;
+            for n in self.networks().await? {
+                if !missing.contains(&n.id) {
                     continue;
                 }
-            };
-            if member {
-                continue;
-            }
-            match self.join_overlay(n.subnet, n.name.as_deref()).await {
-                Ok(()) => {
-                    warn!(subnet = %n.subnet, "this host's membership of a network it still has was gone (reclaimed while it was cut off); restored it");
-                    restored += 1;
+                match self.join_overlay(n.subnet, n.name.as_deref()).await {
+                    Ok(()) => {
+                        warn!(subnet = %n.subnet, "this host's membership of a network it still has was gone (reclaimed while it was cut off); restored it");
+                        restored += 1;
+                    }
+                    Err(e) => errors.push(e),
                 }
-                Err(e) => errors.push(e),
             }
         }
         first_error(errors).map(|()| restored)

@@ -1,7 +1,7 @@
 //! Pools: shared `pools/<cidr>` records, refcounted per host, with the gateway and
 //! aux reservations; the cache that lets owned blocks serve without the cluster store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -18,20 +18,31 @@ impl Ipam {
     /// the last other host. A pool record that is gone is written again from what this
     /// host last knew of it. Returns the pools put right.
     pub async fn restore_references(&self) -> Result<usize, IpamError> {
-        // Under the lock, so that a ReleasePool of a network deleted meanwhile is
-        // either seen here (no network) or comes after (and releases what this adds).
-        let _guard = self.alloc.lock().await;
-        let mut networks: BTreeMap<Ipv4Network, u32> = BTreeMap::new();
-        for (_, n) in self
-            .local
-            .list_json::<NetworkRecord>(keys::NETWORKS)
-            .await?
-        {
-            *networks.entry(n.value.subnet).or_default() += 1;
+        // Checked without the lock (nearly always nothing is missing), so that no pass
+        // holds it across etcd calls for nothing.
+        let mut missing = BTreeSet::new();
+        for pool in self.network_pools().await?.into_keys() {
+            let rec = self
+                .cluster
+                .get_json::<PoolRecord>(&keys::pool(pool))
+                .await?;
+            if !rec.is_some_and(|r| r.value.refs.contains_key(&self.host)) {
+                missing.insert(pool);
+            }
         }
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        // The networks again under the lock, so that a ReleasePool of a network deleted
+        // meanwhile is either seen here (no network) or comes after (and releases what
+        // this adds).
+        let _guard = self.alloc.lock().await;
         let mut restored = 0;
         let mut first_error = None;
-        for (pool, count) in networks {
+        for (pool, count) in self.network_pools().await? {
+            if !missing.contains(&pool) {
+                continue;
+            }
             match self.restore_reference(pool, count).await {
                 Ok(true) => restored += 1,
                 Ok(false) => {}
@@ -41,6 +52,19 @@ impl Ipam {
             }
         }
         first_error.map_or(Ok(restored), Err)
+    }
+
+    /// The pools of this host's networks, with how many networks use each.
+    async fn network_pools(&self) -> Result<BTreeMap<Ipv4Network, u32>, IpamError> {
+        let mut networks: BTreeMap<Ipv4Network, u32> = BTreeMap::new();
+        for (_, n) in self
+            .local
+            .list_json::<NetworkRecord>(keys::NETWORKS)
+            .await?
+        {
+            *networks.entry(n.value.subnet).or_default() += 1;
+        }
+        Ok(networks)
     }
 
     /// Puts this host back into `pool` with `count` references (and its aux

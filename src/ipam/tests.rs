@@ -66,15 +66,10 @@ fn none() -> BTreeMap<String, String> {
 /// Marks the pool as used by a network, as CreateNetwork does, so that explicit
 /// addresses are container addresses rather than aux reservations.
 async fn attach_network(h: &Host, pool: &str) {
-    let rec = NetworkRecord {
-        id: format!("net{}", pool.replace(['.', '/'], "")),
-        subnet: pool.parse().unwrap(),
-        gateway: None,
-        internal: false,
-        mtu: 1420,
-        name: None,
-        host_access: false,
-    };
+    let rec = NetworkRecord::for_subnet(
+        format!("net{}", pool.replace(['.', '/'], "")),
+        pool.parse().unwrap(),
+    );
     h.local
         .create_json(&keys::network(&rec.id), &rec)
         .await
@@ -576,18 +571,28 @@ async fn release_pool_releases_only_this_hosts_blocks() {
     );
 }
 
-#[tokio::test]
-async fn a_block_another_host_owns_is_a_conflict_and_serves_no_address() {
-    let cluster = Arc::new(EmbeddedStore::in_memory());
-    let h1 = host(&cluster, "h1", vec![]);
-    let id = pool_id(&h1, "10.42.0.0/24", "").await;
-    attach_network(&h1, "10.42.0.0/24").await;
-    let first = h1
+/// Host `id` on `cluster` with a network in 10.42.0.0/24 (/26 blocks) and one address
+/// handed out: the host, the PoolID and the address.
+async fn host_with_an_address(
+    cluster: &Arc<EmbeddedStore>,
+    id: &str,
+) -> (Host, String, std::net::Ipv4Addr) {
+    let h = host(cluster, id, vec![]);
+    let pool_id = pool_id(&h, "10.42.0.0/24", "").await;
+    attach_network(&h, "10.42.0.0/24").await;
+    let ip = h
         .ipam
-        .request_address(&id, "", &none())
+        .request_address(&pool_id, "", &none())
         .await
         .unwrap()
         .ip();
+    (h, pool_id, ip)
+}
+
+#[tokio::test]
+async fn a_block_another_host_owns_is_a_conflict_and_serves_no_address() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let (h1, id, first) = host_with_an_address(&cluster, "h1").await;
     let pool = pool_of("10.42.0.0/24");
     let block = allocator::block_of(pool, 26, first);
     // While h1 was cut off, its block was reclaimed and h2 took it.
@@ -1048,15 +1053,7 @@ async fn a_returning_host_restores_its_pool_references() {
 async fn a_returning_host_confirms_its_block_before_dropping_a_racing_reservation() {
     let cluster = Arc::new(EmbeddedStore::in_memory());
     let pool = pool_of("10.42.0.0/24");
-    let h2 = host(&cluster, "h2", vec![]);
-    let id = pool_id(&h2, "10.42.0.0/24", "").await;
-    attach_network(&h2, "10.42.0.0/24").await;
-    let ip = h2
-        .ipam
-        .request_address(&id, "", &none())
-        .await
-        .unwrap()
-        .ip();
+    let (h2, _, ip) = host_with_an_address(&cluster, "h2").await;
     let block = allocator::block_of(pool, 26, ip);
     let key = keys::block(pool, block);
     // The reclaimer read the block, then wrote h2's reservation.

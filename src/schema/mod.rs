@@ -129,6 +129,22 @@ pub struct NetworkRecord {
     pub host_access: bool,
 }
 
+#[cfg(test)]
+impl NetworkRecord {
+    /// A plain network of `subnet` (no gateway, not internal, MTU 1420), for tests.
+    pub fn for_subnet(id: impl Into<String>, subnet: Ipv4Network) -> Self {
+        Self {
+            id: id.into(),
+            subnet,
+            gateway: None,
+            internal: false,
+            mtu: 1420,
+            name: None,
+            host_access: false,
+        }
+    }
+}
+
 /// An endpoint on this host (`endpoints/<EndpointID>`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EndpointRecord {
