@@ -2,8 +2,14 @@
 //!
 //! Every accepted change is written to a temporary file, fsynced and renamed over
 //! the old one (then the directory is fsynced) before the call returns, so a crash
-//! leaves either the old or the new state, never a torn file. One mutex serialises
-//! writers; that is plenty for one host's Docker traffic.
+//! leaves either the old or the new state, never a torn file.
+//!
+//! Group commit: a change is applied in memory at once, then waits for a write of
+//! the state that contains it. One write runs at a time, off the runtime's worker
+//! threads, and takes every change applied before it started, so concurrent
+//! changes share one fsync. Reads see applied changes that are still waiting for
+//! their write; if a write fails, the state rolls back to the last one written and
+//! every change not yet written fails with it.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -65,12 +71,30 @@ impl Data {
 #[derive(Debug)]
 struct Inner {
     path: Option<PathBuf>,
+    /// Every applied change, written or not.
     data: Data,
+    /// What the state file holds: where a failed write rolls back to.
+    written: Data,
+    /// Count of changes applied; each change is known by its number.
+    applied: u64,
+}
+
+/// The writer's side, behind an async mutex: one write at a time.
+#[derive(Debug, Default)]
+struct Writes {
+    /// Changes up to this number are in the state file.
+    durable: u64,
+    /// Changes up to this number were rolled back by a failed write (and what failed).
+    failed: u64,
+    failure: Option<(std::io::ErrorKind, String)>,
+    /// How many times the state file was written.
+    count: u64,
 }
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Mutex<Inner>>,
+    writes: Arc<tokio::sync::Mutex<Writes>>,
 }
 
 pub const STATE_FILE: &str = "state.json";
@@ -105,47 +129,111 @@ impl EmbeddedStore {
 
     fn with(path: Option<PathBuf>, data: Data) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(Inner { path, data })),
+            inner: Arc::new(Mutex::new(Inner {
+                path,
+                written: data.clone(),
+                data,
+                applied: 0,
+            })),
+            writes: Arc::default(),
         }
     }
 
-    /// Runs `f` on the data under the lock; when it reports a change the new state is
-    /// made durable before the lock is released. A failed write rolls the change back.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times the state file has been written (each write may carry many
+    /// changes).
+    pub async fn writes(&self) -> u64 {
+        self.writes.lock().await.count
+    }
+
+    /// Runs `f` on the data; when it reports a change, returns once the change is in
+    /// the state file (see the module's group commit).
     async fn mutate<R, F>(&self, f: F) -> Result<R, StoreError>
     where
-        R: Send + 'static,
-        F: FnOnce(&mut Data) -> Result<(R, bool), StoreError> + Send + 'static,
+        F: FnOnce(&mut Data) -> Result<(R, bool), StoreError>,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = inner.lock().unwrap_or_else(|p| p.into_inner());
-            let before = guard.data.clone();
+        let (result, change) = {
+            let mut inner = self.lock();
             // Expired entries are gone for every change, as they are for every read.
             let now = now_ms();
-            guard.data.entries.retain(|_, e| e.live(now));
-            let (result, changed) = f(&mut guard.data)?;
-            if changed {
-                if let Some(path) = guard.path.clone() {
-                    if let Err(e) = persist(&path, &guard.data) {
-                        guard.data = before;
-                        return Err(e);
-                    }
-                }
+            inner.data.entries.retain(|_, e| e.live(now));
+            let (result, changed) = f(&mut inner.data)?;
+            if !changed || inner.path.is_none() {
+                return Ok(result);
             }
-            Ok(result)
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+            inner.applied += 1;
+            (result, inner.applied)
+        };
+        self.write_through(change).await?;
+        Ok(result)
+    }
+
+    /// Returns once change number `change` is in the state file: written by an earlier
+    /// write, or by this call's, which takes every change applied so far.
+    async fn write_through(&self, change: u64) -> Result<(), StoreError> {
+        let mut writes = self.writes.lock().await;
+        if writes.durable >= change {
+            return Ok(());
+        }
+        if writes.failed >= change {
+            let (kind, message) = writes
+                .failure
+                .clone()
+                .unwrap_or_else(|| (std::io::ErrorKind::Other, "an earlier write failed".into()));
+            return Err(StoreError::Io {
+                path: self
+                    .lock()
+                    .path
+                    .clone()
+                    .unwrap_or_default()
+                    .display()
+                    .to_string(),
+                source: std::io::Error::new(kind, message),
+            });
+        }
+        let (path, data, upto) = {
+            let inner = self.lock();
+            let path = inner
+                .path
+                .clone()
+                .expect("only a file store waits for writes");
+            (path, inner.data.clone(), inner.applied)
+        };
+        writes.count += 1;
+        let result = tokio::task::spawn_blocking(move || persist(&path, &data).map(|()| data))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("store write failed: {e}"))));
+        let mut inner = self.lock();
+        match result {
+            Ok(written) => {
+                writes.durable = upto;
+                inner.written = written;
+                Ok(())
+            }
+            Err(e) => {
+                // Everything applied since the last good write goes, also changes made
+                // during this write (their callers are waiting and fail here too).
+                inner.data = inner.written.clone();
+                writes.failed = inner.applied;
+                writes.failure = Some(match &e {
+                    StoreError::Io { source, .. } => (source.kind(), e.to_string()),
+                    other => (std::io::ErrorKind::Other, other.to_string()),
+                });
+                Err(e)
+            }
+        }
     }
 
     fn read<R>(&self, f: impl FnOnce(&Data) -> R) -> R {
-        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        f(&guard.data)
+        f(&self.lock().data)
     }
 }
 
 fn persist(path: &Path, data: &Data) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec_pretty(data).expect("store data serialises");
+    let bytes = serde_json::to_vec(data).expect("store data serialises");
     let tmp = path.with_extension("json.tmp");
     let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
     file.write_all(&bytes).map_err(io_err(&tmp))?;
@@ -326,5 +414,34 @@ mod tests {
         fs::write(&sub, b"").unwrap();
         assert!(store.create("b", b"2".to_vec()).await.is_err());
         assert!(store.get("b").await.unwrap().is_none());
+        // Changes waiting for the same failed write fail with it, and none stays.
+        let results = futures::future::join_all((0..10).map(|i| {
+            let store = store.clone();
+            async move { store.create(&format!("c{i}"), b"3".to_vec()).await }
+        }))
+        .await;
+        assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+        assert!(store.list("c").await.unwrap().is_empty());
+        assert_eq!(store.get("a").await.unwrap().unwrap().value, b"1");
+    }
+
+    #[tokio::test]
+    async fn concurrent_changes_share_one_write_and_all_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let results = futures::future::join_all((0..100).map(|i| {
+            let store = store.clone();
+            async move { store.create(&format!("k{i:03}"), b"1".to_vec()).await }
+        }))
+        .await;
+        assert!(
+            results.iter().all(|r| matches!(r, Ok(Some(_)))),
+            "{results:?}"
+        );
+        let writes = store.writes().await;
+        assert!(writes <= 10, "100 concurrent changes took {writes} writes");
+        drop(store);
+        let reopened = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.list("k").await.unwrap().len(), 100);
     }
 }
