@@ -92,7 +92,7 @@ pub struct DaemonConfig {
     pub reconcile_interval: u64,
 
     /// Seconds after which an endpoint that was created but never joined (or left and
-    /// never deleted) is collected: its link, route and firewall element go.
+    /// never deleted) is collected: its link and route go.
     #[arg(long, env = "WEFT_ENDPOINT_GRACE", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub endpoint_grace: u64,
 

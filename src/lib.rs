@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod driver;
 pub mod ipam;
+pub mod locks;
 pub mod mesh;
 pub mod protocol;
 pub mod schema;

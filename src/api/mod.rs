@@ -65,9 +65,24 @@ async fn unknown_method(req: Request) -> Response {
         .into_response()
 }
 
+/// Names the network and endpoint a request is about in its span (from the handler,
+/// which runs in it), so that every line of the request, "handled" included, says so.
+pub(crate) fn record_ids(network_id: &str, endpoint_id: &str) {
+    let span = tracing::Span::current();
+    span.record("network", crate::driver::short(network_id));
+    if !endpoint_id.is_empty() {
+        span.record("endpoint", crate::driver::short(endpoint_id));
+    }
+}
+
 async fn request_span(req: Request, next: Next) -> Response {
     let method = req.uri().path().trim_start_matches('/').to_string();
-    let span = info_span!("request", %method);
+    let span = info_span!(
+        "request",
+        %method,
+        network = tracing::field::Empty,
+        endpoint = tracing::field::Empty
+    );
     async move {
         let started = Instant::now();
         // Spawned, so that a request's work runs to completion even when dockerd

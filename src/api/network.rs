@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 
-use super::{ApiError, AppState, DockerJson};
+use super::{record_ids, ApiError, AppState, DockerJson};
 use crate::protocol::network::*;
 use crate::protocol::Empty;
 
@@ -48,6 +48,7 @@ async fn create_network(
     State(s): State<AppState>,
     DockerJson(req): DockerJson<CreateNetworkRequest>,
 ) -> Reply<Empty> {
+    record_ids(&req.network_id, "");
     s.driver.create_network(req).await?;
     Ok(Json(Empty {}))
 }
@@ -56,6 +57,7 @@ async fn delete_network(
     State(s): State<AppState>,
     DockerJson(req): DockerJson<NetworkIdRequest>,
 ) -> Reply<Empty> {
+    record_ids(&req.network_id, "");
     s.driver.delete_network(&req.network_id).await?;
     Ok(Json(Empty {}))
 }
@@ -64,6 +66,7 @@ async fn create_endpoint(
     State(s): State<AppState>,
     DockerJson(req): DockerJson<CreateEndpointRequest>,
 ) -> Reply<CreateEndpointResponse> {
+    record_ids(&req.network_id, &req.endpoint_id);
     Ok(Json(s.driver.create_endpoint(req).await?))
 }
 
@@ -71,6 +74,7 @@ async fn delete_endpoint(
     State(s): State<AppState>,
     DockerJson(req): DockerJson<EndpointRequest>,
 ) -> Reply<Empty> {
+    record_ids(&req.network_id, &req.endpoint_id);
     s.driver
         .delete_endpoint(&req.network_id, &req.endpoint_id)
         .await?;
@@ -87,6 +91,7 @@ async fn join(
     State(s): State<AppState>,
     DockerJson(req): DockerJson<JoinRequest>,
 ) -> Reply<JoinResponse> {
+    record_ids(&req.network_id, &req.endpoint_id);
     Ok(Json(s.driver.join(req).await?))
 }
 
@@ -94,6 +99,7 @@ async fn leave(
     State(s): State<AppState>,
     DockerJson(req): DockerJson<EndpointRequest>,
 ) -> Reply<Empty> {
+    record_ids(&req.network_id, &req.endpoint_id);
     s.driver.leave(&req.network_id, &req.endpoint_id).await?;
     Ok(Json(Empty {}))
 }

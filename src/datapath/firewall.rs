@@ -49,11 +49,6 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
         .iter()
         .filter_map(|n| n.gateway.map(|g| g.to_string()))
         .collect();
-    let endpoints: Vec<String> = desired
-        .endpoints
-        .iter()
-        .map(|e| format!("\"{}\" . {}", e.host_if, e.address))
-        .collect();
     let set = |name: &str, ty: &str, flags: &str, elems: &[String]| {
         let elements = if elems.is_empty() {
             String::new()
@@ -65,14 +60,15 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
     let _ = writeln!(s, "table inet {TABLE} {{");
     s.push_str(&set("subnets", "ipv4_addr", " flags interval;", &subnets));
     s.push_str(&set("gateways", "ipv4_addr", "", &gateways));
-    s.push_str(&set("endpoints", "ifname . ipv4_addr", "", &endpoints));
 
-    // A container may only send from its own address, and only IPv4.
+    // A container may only send from its own address, and only IPv4: its address
+    // is the one whose route leads back out of the link it came in on (the
+    // endpoint's /32), a reverse-path check that needs no rule per container.
     let _ = writeln!(
         s,
         "  chain prerouting {{\n    type filter hook prerouting priority -150; policy accept;\n    \
          iifname \"{HOST_IF_PREFIX}*\" meta nfproto ipv6 drop\n    \
-         iifname \"{HOST_IF_PREFIX}*\" iifname . ip saddr != @endpoints drop\n  }}"
+         iifname \"{HOST_IF_PREFIX}*\" fib saddr . iif oif missing drop\n  }}"
     );
     // weft's own links, and the tunnel from other hosts' containers.
     let weft_ifs = match tunnel_if {
@@ -210,26 +206,6 @@ async fn run_within(
     }
 }
 
-/// The nftables commands that turn the firewall for `old` into the one for `new`,
-/// when only endpoints differ (`None` when the table must be rebuilt; empty when
-/// nothing changed).
-pub fn render_delta(old: &DesiredState, new: &DesiredState) -> Option<String> {
-    if old.networks != new.networks || new.networks.is_empty() {
-        return None;
-    }
-    let element = |e: &super::EndpointSpec| format!("\"{}\" . {}", e.host_if, e.address);
-    let old_set: std::collections::BTreeSet<String> = old.endpoints.iter().map(element).collect();
-    let new_set: std::collections::BTreeSet<String> = new.endpoints.iter().map(element).collect();
-    let mut s = String::new();
-    for gone in old_set.difference(&new_set) {
-        let _ = writeln!(s, "delete element inet {TABLE} endpoints {{ {gone} }}");
-    }
-    for added in new_set.difference(&old_set) {
-        let _ = writeln!(s, "add element inet {TABLE} endpoints {{ {added} }}");
-    }
-    Some(s)
-}
-
 /// Replaces table `inet weft` with the rules for `desired`.
 pub async fn apply_nftables(
     desired: &DesiredState,
@@ -239,7 +215,7 @@ pub async fn apply_nftables(
 }
 
 /// Runs an nftables script as one transaction.
-pub async fn apply_script(script: &str) -> Result<(), DatapathError> {
+async fn apply_script(script: &str) -> Result<(), DatapathError> {
     debug!(rules = %script, "applying nftables");
     run("nft", &["-f", "-"], Some(script)).await.map(drop)
 }
@@ -328,7 +304,7 @@ fn jump_position(listing: &str, ours: &str) -> (usize, bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{EndpointSpec, NetworkSpec};
+    use super::super::NetworkSpec;
     use super::*;
 
     fn state() -> DesiredState {
@@ -347,12 +323,6 @@ mod tests {
                     host_access: false,
                 },
             ],
-            endpoints: vec![EndpointSpec {
-                host_if: "wfh0123456789ab".into(),
-                container_if: "wfc0123456789ab".into(),
-                address: "10.42.0.2".parse().unwrap(),
-                mtu: 1420,
-            }],
         }
     }
 
@@ -360,8 +330,8 @@ mod tests {
     fn ruleset_isolates_networks_prevents_spoofing_and_masquerades_only_non_internal() {
         let r = render(&state(), None);
         assert!(r.starts_with("table inet weft\ndelete table inet weft\n"));
-        assert!(r.contains("elements = { \"wfh0123456789ab\" . 10.42.0.2 }"));
-        assert!(r.contains("iifname . ip saddr != @endpoints drop"));
+        assert!(r.contains("iifname \"wfh*\" fib saddr . iif oif missing drop"));
+        assert!(!r.contains("wfh0"), "no rule or element per container");
         assert!(r.contains("ip saddr 10.42.0.0/16 ip daddr @subnets ip daddr != 10.42.0.0/16 drop"));
         assert!(r.contains("ip saddr 10.43.0.0/16 ip daddr != 10.43.0.0/16 drop"));
         assert!(r.contains("ip saddr 10.42.0.0/16 ip daddr != @subnets masquerade"));
@@ -401,27 +371,6 @@ mod tests {
         assert!(
             render(&desired, None).contains("related } iifname != \"wfh*\" ct status ! dnat drop")
         );
-    }
-
-    #[test]
-    fn endpoint_changes_are_applied_as_set_element_updates() {
-        let old = state();
-        let mut new = state();
-        new.endpoints[0].host_if = "wfhffffffffffff".into();
-        let delta = render_delta(&old, &new).unwrap();
-        assert_eq!(
-            delta,
-            "delete element inet weft endpoints { \"wfh0123456789ab\" . 10.42.0.2 }\n\
-             add element inet weft endpoints { \"wfhffffffffffff\" . 10.42.0.2 }\n"
-        );
-        assert_eq!(render_delta(&old, &old).unwrap(), "");
-        let mut other = state();
-        other.networks.pop();
-        assert!(
-            render_delta(&old, &other).is_none(),
-            "network changes rebuild the table"
-        );
-        assert!(render_delta(&DesiredState::default(), &DesiredState::default()).is_none());
     }
 
     #[test]

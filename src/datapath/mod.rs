@@ -41,11 +41,13 @@ pub struct NetworkSpec {
     pub host_access: bool,
 }
 
-/// The whole desired state of this host's datapath.
+/// The host-wide desired state of this host's datapath. Endpoints are not part of
+/// it: each has its own links and route ([`Datapath::setup_endpoint`]), and the
+/// firewall checks a container's source address against that route, so nothing
+/// host-wide changes when a container comes or goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub networks: Vec<NetworkSpec>,
-    pub endpoints: Vec<EndpointSpec>,
 }
 
 /// Kernel errors, classified once here so callers can decide what "already there"
@@ -100,9 +102,9 @@ pub trait Datapath: Send + Sync + 'static {
     /// Names of every link in this namespace with one of weft's endpoint prefixes.
     async fn endpoint_links(&self) -> Result<Vec<String>, DatapathError>;
     async fn delete_link(&self, name: &str) -> Result<(), DatapathError>;
-    /// Brings networks (gateway addresses, subnet routes), endpoint routes and the
-    /// firewall to `desired`, removing whatever weft installed that is not in it. May
-    /// update the firewall incrementally from weft's last apply (the request path).
+    /// Brings networks (gateway addresses, subnet routes) and the firewall to
+    /// `desired`, removing whatever weft installed that is not in it (an endpoint's
+    /// route goes with its link). Skips the firewall when it is what weft last applied.
     async fn sync(&self, desired: &DesiredState) -> Result<(), DatapathError>;
     /// Like `sync`, but rewrites and re-verifies everything, repairing changes made
     /// behind weft's back (the reconciler).

@@ -333,12 +333,14 @@ impl NetlinkDatapath {
         let routes = self.routes().await?;
         let ours = |r: &&Route| r.protocol == RouteProtocol::Other(ROUTE_PROTOCOL);
         let subnets: BTreeSet<Ipv4Network> = desired.networks.iter().map(|n| n.subnet).collect();
-        let hosts: BTreeSet<Ipv4Addr> = desired.endpoints.iter().map(|e| e.address).collect();
         let mut errors = Vec::new();
         for r in routes.iter().filter(ours) {
             let wanted = match r.kind {
                 RouteType::Unreachable => subnets.contains(&r.dst),
-                _ => r.dst.prefix() == 32 && hosts.contains(&r.dst.ip()),
+                // An endpoint's route lives and dies with its link (the endpoint's
+                // teardown, or the reconciler's removal of a link no endpoint owns),
+                // so a sync never races an endpoint being set up meanwhile.
+                _ => r.dst.prefix() == 32 && r.oif.is_some(),
             };
             if !wanted {
                 debug!(dst = %r.dst, "removing stale route");
@@ -373,9 +375,8 @@ impl NetlinkDatapath {
         DatapathError::collect(errors)
     }
 
-    /// `full` rewrites the whole firewall and re-verifies iptables; otherwise only what
-    /// changed since weft's last apply is touched (an endpoint's set element: one `nft`
-    /// run instead of rebuilding the table, which costs tens of ms next to dockerd's).
+    /// `full` rewrites the whole firewall and re-verifies iptables; otherwise the
+    /// firewall is left alone when it is what weft last applied.
     async fn sync_with(&self, desired: &DesiredState, full: bool) -> Result<(), DatapathError> {
         let mut errors = Vec::new();
         let started = Instant::now();
@@ -411,24 +412,17 @@ impl NetlinkDatapath {
     }
 
     async fn sync_nftables(&self, desired: &DesiredState, full: bool) -> Result<(), DatapathError> {
-        let previous = self
-            .nft_applied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let delta = match (&previous, full) {
-            (Some(prev), false) => firewall::render_delta(prev, desired),
-            _ => None,
-        };
-        let result = match delta {
-            Some(script) if script.is_empty() => Ok(()),
-            Some(script) => match firewall::apply_script(&script).await {
-                Ok(()) => Ok(()),
-                // The table was changed behind weft's back: rebuild it.
-                Err(_) => firewall::apply_nftables(desired, self.tunnel_if.as_deref()).await,
-            },
-            None => firewall::apply_nftables(desired, self.tunnel_if.as_deref()).await,
-        };
+        let unchanged = !full
+            && self
+                .nft_applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                == Some(desired);
+        if unchanged {
+            return Ok(());
+        }
+        let result = firewall::apply_nftables(desired, self.tunnel_if.as_deref()).await;
         *self.nft_applied.lock().unwrap_or_else(|p| p.into_inner()) =
             result.is_ok().then(|| desired.clone());
         result

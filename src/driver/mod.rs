@@ -16,6 +16,7 @@ use tracing::{info, instrument, warn};
 use crate::datapath::{
     link_names, Datapath, DatapathError, DesiredState, EndpointSpec, NetworkSpec,
 };
+use crate::locks::KeyedLocks;
 use crate::protocol::network as proto;
 use crate::schema::keys;
 use crate::schema::unix_now;
@@ -78,8 +79,51 @@ pub struct Driver {
     host: String,
     datapath: Arc<dyn Datapath>,
     config: DriverConfig,
-    /// Serialises changes to this host's networks and endpoints with the reconciler.
-    ops: Mutex<()>,
+    /// One lock per network, endpoint and address (see [`lock_keys`]): changes to
+    /// different containers never wait for each other.
+    locks: KeyedLocks,
+    /// Subnets of networks being created, so that two at once cannot overlap.
+    creating: std::sync::Mutex<Vec<Ipv4Network>>,
+    /// Serialises whole-state datapath syncs (the firewall table, gateways, subnet
+    /// routes): only network changes and the reconciler sync; the container path
+    /// (endpoints, join, leave) never does.
+    syncing: Mutex<()>,
+}
+
+/// Names in [`Driver::locks`]. Order when taking several: network, address, endpoint.
+mod lock_keys {
+    use std::net::Ipv4Addr;
+
+    pub fn network(id: &str) -> String {
+        format!("network/{id}")
+    }
+    pub fn address(ip: Ipv4Addr) -> String {
+        format!("address/{ip}")
+    }
+    /// By the 12 characters that name the endpoint's links, so that a link found in
+    /// the kernel and its endpoint's requests take the same lock.
+    pub fn endpoint(id: &str) -> String {
+        format!("endpoint/{}", super::short(id).to_ascii_lowercase())
+    }
+    /// The endpoint lock of one of weft's link names (`wfh…`/`wfc…`).
+    pub fn endpoint_of_link(link: &str) -> String {
+        endpoint(link.get(3..).unwrap_or(link))
+    }
+}
+
+/// Takes a subnet into [`Driver::creating`] until dropped.
+struct SubnetClaim<'a> {
+    creating: &'a std::sync::Mutex<Vec<Ipv4Network>>,
+    subnet: Ipv4Network,
+}
+
+impl Drop for SubnetClaim<'_> {
+    fn drop(&mut self) {
+        let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = creating.iter().position(|s| *s == self.subnet) {
+            creating.remove(i);
+        }
+    }
 }
 
 pub fn short(id: &str) -> &str {
@@ -94,7 +138,9 @@ impl Driver {
             local,
             datapath,
             config,
-            ops: Mutex::new(()),
+            locks: KeyedLocks::default(),
+            creating: std::sync::Mutex::new(Vec::new()),
+            syncing: Mutex::new(()),
         }
     }
 
@@ -136,9 +182,9 @@ impl Driver {
     /// taken for gone while cut off loses its memberships in the reclaim). Returns how
     /// many it put right.
     pub async fn restore_memberships(&self) -> Result<usize, DriverError> {
-        // Checked without the lock (nearly always nothing is missing); a missing one is
-        // put back under it, and only if its network is still there: a network being
-        // deleted or rolled back must not come back.
+        // Checked without locks (nearly always nothing is missing); a missing one is
+        // put back under its network's lock, and only if the network is still there:
+        // a network being deleted or rolled back must not come back.
         let mut errors = Vec::new();
         let mut missing = Vec::new();
         for n in self.networks().await? {
@@ -155,22 +201,42 @@ impl Driver {
             }
         }
         let mut restored = 0;
-        if !missing.is_empty() {
-            let _ops = self.ops.lock().await;
-            for n in self.networks().await? {
-                if !missing.contains(&n.id) {
-                    continue;
+        for id in missing {
+            let _net = self.locks.write(&lock_keys::network(&id)).await;
+            let Some(n) = self
+                .local
+                .get_json::<NetworkRecord>(&keys::network(&id))
+                .await?
+                .map(|r| r.value)
+            else {
+                continue;
+            };
+            match self.join_overlay(n.subnet, n.name.as_deref()).await {
+                Ok(()) => {
+                    warn!(subnet = %n.subnet, "this host's membership of a network it still has was gone (reclaimed while it was cut off); restored it");
+                    restored += 1;
                 }
-                match self.join_overlay(n.subnet, n.name.as_deref()).await {
-                    Ok(()) => {
-                        warn!(subnet = %n.subnet, "this host's membership of a network it still has was gone (reclaimed while it was cut off); restored it");
-                        restored += 1;
-                    }
-                    Err(e) => errors.push(e),
-                }
+                Err(e) => errors.push(e),
             }
         }
         first_error(errors).map(|()| restored)
+    }
+
+    fn claim_subnet(&self, subnet: Ipv4Network) -> Result<SubnetClaim<'_>, DriverError> {
+        let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(other) = creating
+            .iter()
+            .find(|s| crate::ipam::allocator::overlaps(**s, subnet))
+        {
+            return Err(DriverError::Conflict(format!(
+                "subnet {subnet} overlaps subnet {other} of a weft network being created on this host"
+            )));
+        }
+        creating.push(subnet);
+        Ok(SubnetClaim {
+            creating: &self.creating,
+            subnet,
+        })
     }
 
     async fn leave_overlay(&self, subnet: Ipv4Network) -> Result<(), DriverError> {
@@ -216,7 +282,7 @@ impl Driver {
             (true, _) | (false, "") => None,
             (false, g) => Some(parse_cidr("Gateway", g)?.ip()),
         };
-        let _ops = self.ops.lock().await;
+        let _net = self.locks.write(&lock_keys::network(&req.network_id)).await;
         let mtu = match opts.mtu.or(self.config.default_mtu) {
             Some(m) => m,
             None => self
@@ -234,6 +300,9 @@ impl Driver {
             name: opts.name,
             host_access: opts.host_access,
         };
+        // Claimed before the records are read: of two overlapping networks created at
+        // once, the second sees the first here or its record below.
+        let _claim = self.claim_subnet(record.subnet)?;
         for (_, other) in self
             .local
             .list_json::<NetworkRecord>(keys::NETWORKS)
@@ -293,11 +362,11 @@ impl Driver {
             let _ = self.local.delete(&keys::network(&record.id), None).await;
             return Err(e);
         }
-        if let Err(e) = self.sync_locked().await {
+        if let Err(e) = self.sync().await {
             // Roll back: the network must not half-exist.
             let _ = self.local.delete(&keys::network(&record.id), None).await;
             let _ = self.leave_overlay(record.subnet).await;
-            let _ = self.sync_locked().await;
+            let _ = self.sync().await;
             return Err(e);
         }
         info!(subnet = %record.subnet, mtu, internal = record.internal, "network created");
@@ -306,11 +375,12 @@ impl Driver {
 
     #[instrument(skip_all, fields(network = %short(network_id)))]
     pub async fn delete_network(&self, network_id: &str) -> Result<(), DriverError> {
-        let _ops = self.ops.lock().await;
+        let _net = self.locks.write(&lock_keys::network(network_id)).await;
         let mut errors = Vec::new();
         for ep in self.endpoints().await? {
             if ep.network_id == network_id {
                 warn!(endpoint = %short(&ep.id), "removing endpoint left on a deleted network");
+                let _ep = self.locks.write(&lock_keys::endpoint(&ep.id)).await;
                 if let Err(e) = self.remove_endpoint(&ep).await {
                     errors.push(e);
                 }
@@ -326,7 +396,7 @@ impl Driver {
                 errors.push(e);
             }
         }
-        if let Err(e) = self.sync_locked().await {
+        if let Err(e) = self.sync().await {
             errors.push(e);
         }
         info!("network deleted");
@@ -352,7 +422,12 @@ impl Driver {
             ));
         }
         let address = parse_cidr("Interface.Address", &req.interface.address)?;
-        let _ops = self.ops.lock().await;
+        let _net = self.locks.read(&lock_keys::network(&req.network_id)).await;
+        let _addr = self.locks.write(&lock_keys::address(address.ip())).await;
+        let _ep = self
+            .locks
+            .write(&lock_keys::endpoint(&req.endpoint_id))
+            .await;
         let network = self.network(&req.network_id).await?;
         if !network.subnet.contains(address.ip()) {
             return Err(DriverError::Invalid(format!(
@@ -407,6 +482,9 @@ impl Driver {
         }
         for old in superseded {
             warn!(endpoint = %short(&old.id), address = %old.address, "superseding a stale endpoint that held this address");
+            // Its own requests (and the reconciler) take only its endpoint lock, never
+            // this one's or this address's, so taking it here cannot deadlock.
+            let _old = self.locks.write(&lock_keys::endpoint(&old.id)).await;
             if let Err(e) = self.remove_endpoint(&old).await {
                 warn!(error = %e, "removing the superseded endpoint left something behind");
             }
@@ -422,16 +500,14 @@ impl Driver {
                 short(&record.id)
             )));
         }
-        let setup = async {
-            self.datapath.setup_endpoint(&record.spec()).await?;
-            self.sync_locked().await
-        };
-        if let Err(e) = setup.await {
+        // The endpoint's own kernel state is all it needs: the firewall checks a
+        // container's source address against its route, so no firewall change waits.
+        if let Err(e) = self.datapath.setup_endpoint(&record.spec()).await {
             // Docker does not call DeleteEndpoint after a failed CreateEndpoint.
             if let Err(undo) = self.remove_endpoint(&record).await {
                 warn!(error = %undo, "rollback of a failed endpoint left something behind");
             }
-            return Err(e);
+            return Err(e.into());
         }
         info!(address = %record.address, link = %record.host_if, mtu = record.mtu, "endpoint created");
         // Docker set the address (and MAC, if any); echoing them back is an error.
@@ -444,7 +520,8 @@ impl Driver {
         network_id: &str,
         endpoint_id: &str,
     ) -> Result<(), DriverError> {
-        let _ops = self.ops.lock().await;
+        let _net = self.locks.read(&lock_keys::network(network_id)).await;
+        let _ep = self.locks.write(&lock_keys::endpoint(endpoint_id)).await;
         let Some(record) = self
             .local
             .get_json::<EndpointRecord>(&keys::endpoint(endpoint_id))
@@ -457,8 +534,9 @@ impl Driver {
         Ok(())
     }
 
-    /// Removes an endpoint's kernel state and record. The record goes even when the
-    /// kernel refuses something: the reconciler removes leftover links and routes.
+    /// Removes an endpoint's kernel state and record, under its endpoint lock. The
+    /// record goes even when the kernel refuses something: the reconciler removes
+    /// leftover links (and their routes go with them).
     async fn remove_endpoint(&self, ep: &EndpointRecord) -> Result<(), DriverError> {
         let mut errors = Vec::new();
         if let Err(e) = self.datapath.teardown_endpoint(&ep.spec()).await {
@@ -467,15 +545,16 @@ impl Driver {
         if let Err(e) = self.local.delete(&keys::endpoint(&ep.id), None).await {
             errors.push(e.into());
         }
-        if let Err(e) = self.sync_locked().await {
-            errors.push(e);
-        }
         first_error(errors)
     }
 
     #[instrument(skip_all, fields(network = %short(&req.network_id), endpoint = %short(&req.endpoint_id)))]
     pub async fn join(&self, req: proto::JoinRequest) -> Result<proto::JoinResponse, DriverError> {
-        let _ops = self.ops.lock().await;
+        let _net = self.locks.read(&lock_keys::network(&req.network_id)).await;
+        let _ep = self
+            .locks
+            .write(&lock_keys::endpoint(&req.endpoint_id))
+            .await;
         let network = self.network(&req.network_id).await?;
         let key = keys::endpoint(&req.endpoint_id);
         let rec = self
@@ -515,7 +594,8 @@ impl Driver {
 
     #[instrument(skip_all, fields(network = %short(network_id), endpoint = %short(endpoint_id)))]
     pub async fn leave(&self, network_id: &str, endpoint_id: &str) -> Result<(), DriverError> {
-        let _ops = self.ops.lock().await;
+        let _net = self.locks.read(&lock_keys::network(network_id)).await;
+        let _ep = self.locks.write(&lock_keys::endpoint(endpoint_id)).await;
         let key = keys::endpoint(endpoint_id);
         self.local
             .modify_json::<EndpointRecord, DriverError, _>(&key, |current| {
@@ -597,7 +677,6 @@ impl Driver {
 
     async fn desired(&self) -> Result<DesiredState, DriverError> {
         let networks = self.networks().await?;
-        let endpoints = self.endpoints().await?;
         Ok(DesiredState {
             networks: networks
                 .iter()
@@ -608,34 +687,52 @@ impl Driver {
                     host_access: n.host_access,
                 })
                 .collect(),
-            endpoints: endpoints.iter().map(EndpointRecord::spec).collect(),
         })
     }
 
-    async fn sync_locked(&self) -> Result<(), DriverError> {
+    /// Brings the host-wide datapath (gateways, subnet routes, firewall) to the
+    /// networks in the store. One at a time, each reading the store when its turn
+    /// comes, so the last one applied is never older than the last change.
+    async fn sync(&self) -> Result<(), DriverError> {
+        let _one = self.syncing.lock().await;
         let desired = self.desired().await?;
         Ok(self.datapath.sync(&desired).await?)
     }
 
-    async fn resync_locked(&self) -> Result<(), DriverError> {
+    async fn resync(&self) -> Result<(), DriverError> {
+        let _one = self.syncing.lock().await;
         let desired = self.desired().await?;
         Ok(self.datapath.resync(&desired).await?)
     }
 
     /// Brings the kernel in line with the store: repairs what is missing, forgets
     /// endpoints whose container is gone, removes what no endpoint owns. Runs at start
-    /// and on a timer. Addresses are left to IPAM: Docker releases them itself.
+    /// and on a timer. Addresses are left to IPAM: Docker releases them itself. Takes
+    /// each endpoint's locks only while it looks at that endpoint, so requests for
+    /// other containers go on meanwhile.
     pub async fn reconcile(&self) -> Result<ReconcileReport, DriverError> {
-        let _ops = self.ops.lock().await;
         let mut report = ReconcileReport::default();
         let mut errors = Vec::new();
-        let networks = self.networks().await?;
-        for ep in self.endpoints().await? {
-            let network_known = networks.iter().any(|n| n.id == ep.network_id);
+        for listed in self.endpoints().await? {
+            let _net = self
+                .locks
+                .read(&lock_keys::network(&listed.network_id))
+                .await;
+            let _ep = self.locks.write(&lock_keys::endpoint(&listed.id)).await;
+            // Read again under the locks: it may have changed or gone meanwhile.
+            let key = keys::endpoint(&listed.id);
+            let Some(ep) = self.local.get_json::<EndpointRecord>(&key).await? else {
+                continue;
+            };
+            let ep = ep.value;
+            let network_known = self
+                .local
+                .get(&keys::network(&ep.network_id))
+                .await?
+                .is_some();
             let container_gone = ep.joined && !self.datapath.host_link_exists(&ep.host_if).await?;
             if !ep.joined && ep.since == 0 {
                 // Written before weft kept the time: start counting now.
-                let key = keys::endpoint(&ep.id);
                 self.local
                     .modify_json::<EndpointRecord, DriverError, _>(&key, |cur| {
                         Ok(cur.map(|mut e| {
@@ -651,26 +748,38 @@ impl Driver {
                 if let Err(e) = self.datapath.teardown_endpoint(&ep.spec()).await {
                     errors.push(DriverError::from(e));
                 }
-                self.local.delete(&keys::endpoint(&ep.id), None).await?;
+                self.local.delete(&key, None).await?;
                 report.stale_endpoints += 1;
             } else if let Err(e) = self.datapath.setup_endpoint(&ep.spec()).await {
                 errors.push(e.into());
             }
         }
+        // The links first, then the records: a link whose endpoint is being created
+        // has its record written before the link exists, so it is seen as owned.
+        let links = self.datapath.endpoint_links().await?;
         let endpoints = self.endpoints().await?;
-        for link in self.datapath.endpoint_links().await? {
-            let owned = endpoints
+        let owned = |endpoints: &[EndpointRecord], link: &str| {
+            endpoints
                 .iter()
-                .any(|e| e.host_if == link || e.container_if == link);
-            if !owned {
-                info!(%link, "removing link that no endpoint owns");
-                match self.datapath.delete_link(&link).await {
-                    Ok(()) | Err(DatapathError::NotFound { .. }) => report.orphan_links += 1,
-                    Err(e) => errors.push(e.into()),
-                }
+                .any(|e| e.host_if == link || e.container_if == link)
+        };
+        for link in links {
+            if owned(&endpoints, &link) {
+                continue;
+            }
+            let _ep = self.locks.write(&lock_keys::endpoint_of_link(&link)).await;
+            if owned(&self.endpoints().await?, &link) {
+                continue;
+            }
+            info!(%link, "removing link that no endpoint owns");
+            match self.datapath.delete_link(&link).await {
+                Ok(()) => report.orphan_links += 1,
+                // Gone with its peer, or torn down by its endpoint's removal meanwhile.
+                Err(DatapathError::NotFound { .. }) => {}
+                Err(e) => errors.push(e.into()),
             }
         }
-        if let Err(e) = self.resync_locked().await {
+        if let Err(e) = self.resync().await {
             errors.push(e);
         }
         first_error(errors).map(|()| report)

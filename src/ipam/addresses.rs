@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
-use super::{allocator, Ipam, IpamError};
+use super::{allocator, pool_lock, Ipam, IpamError};
 use crate::schema::{keys, unix_now, AddressRecord, Key, PoolRecord};
 use crate::store::{StoreError, StoreExt, CAS_RETRIES};
 
@@ -64,17 +64,33 @@ impl Ipam {
         Ok(ip)
     }
 
-    pub(super) async fn allocate_dynamic(&self, pool: &PoolRecord) -> Result<Ipv4Addr, IpamError> {
-        let range = pool.range();
-        let reserved = pool.reserved();
-        // Fast path, local store only: an address this host has published in a block
-        // it holds addresses in, while its blocks are certainly still its own in etcd
-        // (its seen/ lease is alive) and the block is not in conflict.
+    /// An address for a container: from the blocks this host has published, side by
+    /// side with other allocations of the pool, or else (alone in the pool) from the
+    /// cluster store's view of its blocks.
+    pub(super) async fn allocate_dynamic(&self, pool: Ipv4Network) -> Result<Ipv4Addr, IpamError> {
+        let record = {
+            let _shared = self.locks.read(&pool_lock(pool)).await;
+            let record = self.pool_record(pool).await?;
+            if let Some(ip) = self.allocate_published(&record).await? {
+                return Ok(ip);
+            }
+            record
+        };
+        let _alone = self.locks.write(&pool_lock(pool)).await;
+        self.allocate_from_blocks(&record).await
+    }
+
+    /// Local store only: an address this host has published in a block it holds
+    /// addresses in, while its blocks are certainly still its own in etcd (its seen/
+    /// lease is alive) and the block is not in conflict. Concurrent callers pick
+    /// different addresses ([`Ipam::picking`]) and the create-if-absent settles any
+    /// race left.
+    async fn allocate_published(&self, pool: &PoolRecord) -> Result<Option<Ipv4Addr>, IpamError> {
         let held = self
             .local
             .list_json::<AddressRecord>(&keys::addresses_of(pool.pool))
             .await?;
-        let taken: BTreeSet<Ipv4Addr> = held
+        let mut taken: BTreeSet<Ipv4Addr> = held
             .iter()
             .filter_map(|(k, _)| match Key::parse(k) {
                 Ok(Key::Address { ip, .. }) => Some(ip),
@@ -82,15 +98,50 @@ impl Ipam {
             })
             .collect();
         let owned: BTreeSet<Ipv4Network> = held.iter().map(|(_, r)| r.value.block).collect();
-        for block in owned.into_iter().filter(|b| allocator::overlaps(*b, range)) {
-            if let Some(ip) = self.blocks.published_free(pool, block, &taken) {
-                if self.record_address(pool.pool, block, ip).await? {
-                    return Ok(ip);
+        for block in owned
+            .into_iter()
+            .filter(|b| allocator::overlaps(*b, pool.range()))
+        {
+            while let Some(picked) = self.pick_published(pool, block, &taken) {
+                if self.record_address(pool.pool, block, picked.ip).await? {
+                    return Ok(Some(picked.ip));
                 }
+                taken.insert(picked.ip);
             }
         }
-        // Otherwise the cluster store says which blocks are this host's, what is
-        // reserved in them, and gets the address published before it is handed out.
+        Ok(None)
+    }
+
+    /// A published free address of `block` that no concurrent allocation is picking,
+    /// marked as picked until the returned guard goes.
+    fn pick_published(
+        &self,
+        pool: &PoolRecord,
+        block: Ipv4Network,
+        taken: &BTreeSet<Ipv4Addr>,
+    ) -> Option<Picked<'_>> {
+        let mut picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
+        let mut busy = taken.clone();
+        busy.extend(
+            picking
+                .iter()
+                .filter(|(p, _)| *p == pool.pool)
+                .map(|(_, ip)| *ip),
+        );
+        let ip = self.blocks.published_free(pool, block, &busy)?;
+        picking.insert((pool.pool, ip));
+        Some(Picked {
+            picking: &self.picking,
+            pool: pool.pool,
+            ip,
+        })
+    }
+
+    /// The cluster store says which blocks are this host's, what is reserved in them,
+    /// and gets the address published before it is handed out. Alone in the pool.
+    async fn allocate_from_blocks(&self, pool: &PoolRecord) -> Result<Ipv4Addr, IpamError> {
+        let range = pool.range();
+        let reserved = pool.reserved();
         for _ in 0..CAS_RETRIES {
             let taken = self.local_addresses(pool.pool).await?;
             let owners = self
@@ -157,7 +208,6 @@ impl Ipam {
         in_use: &BTreeSet<(Ipv4Network, Ipv4Addr)>,
         grace: std::time::Duration,
     ) -> Result<usize, IpamError> {
-        let _guard = self.alloc.lock().await;
         let now = unix_now();
         let mut collected = 0;
         for (key, rec) in self
@@ -183,20 +233,32 @@ impl Ipam {
             if now.saturating_sub(rec.value.since) <= grace.as_secs() {
                 continue;
             }
+            // The delete is conditional on the revision read above: an address handed
+            // out again meanwhile is a new record and stays.
             if self.local.delete(&key, Some(rec.revision)).await? {
                 tracing::warn!(%ip, %pool, "collected an address no endpoint has used for longer than the address grace");
                 collected += 1;
-                let left = self.local_addresses(pool).await?;
-                if let Err(e) = self
-                    .blocks
-                    .release_if_empty(pool, rec.value.block, &left)
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not release an empty block");
-                }
+                self.release_block_if_empty(pool, rec.value.block).await;
             }
         }
         Ok(collected)
+    }
+}
+
+/// An address [`Ipam::pick_published`] picked: no other allocation picks it until
+/// this goes (its record is written, or the write failed).
+struct Picked<'a> {
+    picking: &'a std::sync::Mutex<BTreeSet<(Ipv4Network, Ipv4Addr)>>,
+    pool: Ipv4Network,
+    ip: Ipv4Addr,
+}
+
+impl Drop for Picked<'_> {
+    fn drop(&mut self) {
+        self.picking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(self.pool, self.ip));
     }
 }
 

@@ -11,15 +11,15 @@ pub mod allocator;
 pub mod blocks;
 mod pools;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
-use tokio::sync::Mutex;
 use tracing::{info, instrument, warn};
 
 use crate::datapath::Datapath;
+use crate::locks::KeyedLocks;
 use crate::schema::keys;
 pub use crate::schema::{AddressRecord, BlockRecord, NetworkRecord, PoolRecord};
 use crate::store::{Store, StoreError, StoreExt};
@@ -108,6 +108,14 @@ fn parse_ip(s: &str) -> Result<Ipv4Addr, IpamError> {
         .map_err(|_| IpamError::Invalid(format!("{s:?} is not an IPv4 address")))
 }
 
+/// The name of a pool's lock in [`Ipam::locks`].
+fn pool_lock(pool: Ipv4Network) -> String {
+    format!("pool/{pool}")
+}
+
+/// Held by pool requests that pick a pool by themselves.
+const AUTOMATIC_POOLS_LOCK: &str = "pools/automatic";
+
 pub struct PoolRequest {
     pub address_space: String,
     pub pool: String,
@@ -123,8 +131,14 @@ pub struct Ipam {
     host: String,
     routes: Arc<dyn Datapath>,
     config: IpamConfig,
-    /// Serialises this host's allocation decisions; other hosts are kept out by CAS.
-    alloc: Mutex<()>,
+    /// One lock per pool ([`pool_lock`]): addresses from blocks this host has
+    /// published share it (each is recorded with a create-if-absent, so two never get
+    /// the same one); changes to blocks, the gateway or reservations hold it alone.
+    /// Other pools never wait; other hosts are kept out by compare-and-set.
+    locks: KeyedLocks,
+    /// Addresses being recorded by the shared path right now, so that allocations
+    /// running side by side pick different ones.
+    picking: std::sync::Mutex<BTreeSet<(Ipv4Network, Ipv4Addr)>>,
     /// The pool records this host last read or wrote, so that a container address
     /// from an owned block needs no cluster round trip (and works while etcd is down).
     pools: std::sync::Mutex<BTreeMap<Ipv4Network, PoolRecord>>,
@@ -145,7 +159,8 @@ impl Ipam {
             local,
             routes,
             config,
-            alloc: Mutex::new(()),
+            locks: KeyedLocks::default(),
+            picking: std::sync::Mutex::new(BTreeSet::new()),
             pools: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
@@ -173,11 +188,11 @@ impl Ipam {
             )));
         }
         let block_prefix = self.block_prefix(&req.options)?;
-        let _guard = self.alloc.lock().await;
         let pool = if req.pool.is_empty() {
             if !req.sub_pool.is_empty() {
                 return Err(IpamError::Invalid("--ip-range needs --subnet".into()));
             }
+            let _automatic = self.locks.write(AUTOMATIC_POOLS_LOCK).await;
             self.claim_automatic_pool(block_prefix).await?
         } else {
             let pool = parse_cidr(&req.pool)?;
@@ -193,6 +208,7 @@ impl Ipam {
                 }
             }
             let explicit_block = req.options.contains_key(BLOCK_SIZE_OPTION);
+            let _pool = self.locks.write(&pool_lock(pool)).await;
             self.reference_pool(pool, sub_pool, block_prefix, explicit_block)
                 .await?;
             pool
@@ -208,7 +224,7 @@ impl Ipam {
     #[instrument(skip_all, fields(pool_id = %pool_id))]
     pub async fn release_pool(&self, pool_id: &str) -> Result<(), IpamError> {
         let id = PoolId::parse(pool_id)?;
-        let _guard = self.alloc.lock().await;
+        let _pool = self.locks.write(&pool_lock(id.pool)).await;
         let host = self.host.clone();
         let after = self
             .modify_pool(id.pool, |current| {
@@ -258,20 +274,26 @@ impl Ipam {
             "" => None,
             a => Some(parse_ip(a)?),
         };
-        let _guard = self.alloc.lock().await;
-        let pool = self.pool_record(id.pool).await?;
-        let ip = if options.get("RequestAddressType").map(String::as_str) == Some(GATEWAY_REQUEST) {
-            self.gateway(id.pool, wanted).await?
-        } else if let Some(ip) = wanted {
-            self.check_host_address(&pool, ip)?;
-            if self.pool_attached_to_network(id.pool).await? {
-                self.allocate_static(&pool, ip).await?
-            } else {
-                // Before the network exists Docker only asks for --aux-address reservations.
-                self.reserve_aux(id.pool, ip).await?
-            }
+        let gateway =
+            options.get("RequestAddressType").map(String::as_str) == Some(GATEWAY_REQUEST);
+        let ip = if !gateway && wanted.is_none() {
+            self.allocate_dynamic(id.pool).await?
         } else {
-            self.allocate_dynamic(&pool).await?
+            let _pool = self.locks.write(&pool_lock(id.pool)).await;
+            let pool = self.pool_record(id.pool).await?;
+            match wanted {
+                Some(ip) if !gateway => {
+                    self.check_host_address(&pool, ip)?;
+                    if self.pool_attached_to_network(id.pool).await? {
+                        self.allocate_static(&pool, ip).await?
+                    } else {
+                        // Before the network exists Docker only asks for --aux-address
+                        // reservations.
+                        self.reserve_aux(id.pool, ip).await?
+                    }
+                }
+                _ => self.gateway(id.pool, wanted).await?,
+            }
         };
         info!(%ip, "address assigned");
         Ok(Ipv4Network::new(ip, id.pool.prefix()).expect("pool prefix"))
@@ -281,23 +303,27 @@ impl Ipam {
     pub async fn release_address(&self, pool_id: &str, address: &str) -> Result<(), IpamError> {
         let id = PoolId::parse(pool_id)?;
         let ip = parse_ip(address)?;
-        let _guard = self.alloc.lock().await;
         let key = keys::address(id.pool, ip);
-        if let Some(rec) = self.local.get_json::<AddressRecord>(&key).await? {
-            self.local.delete(&key, Some(rec.revision)).await?;
-            // The address is free here either way; an empty block whose release fails
-            // (cluster store unreachable) stays owned until a later release.
-            let left = self.local_addresses(id.pool).await?;
-            if let Err(e) = self
-                .blocks
-                .release_if_empty(id.pool, rec.value.block, &left)
-                .await
-            {
-                warn!(error = %e, block = %rec.value.block, "could not release an empty block");
+        let released = {
+            let _shared = self.locks.read(&pool_lock(id.pool)).await;
+            match self.local.get_json::<AddressRecord>(&key).await? {
+                Some(rec) if self.local.delete(&key, Some(rec.revision)).await? => {
+                    let left = self.local_addresses(id.pool).await?;
+                    Some((rec.value.block, left))
+                }
+                // Released by a concurrent call meanwhile.
+                Some(_) => return Ok(()),
+                None => None,
+            }
+        };
+        if let Some((block, left)) = released {
+            if !left.iter().any(|a| block.contains(*a)) {
+                self.release_block_if_empty(id.pool, block).await;
             }
             info!("address released");
             return Ok(());
         }
+        let _pool = self.locks.write(&pool_lock(id.pool)).await;
         let host = self.host.clone();
         self.modify_pool(id.pool, |current| {
             let Some(mut rec) = current else {
@@ -314,6 +340,21 @@ impl Ipam {
         .await?;
         // The gateway is shared and lives as long as the pool; unknown addresses are fine.
         Ok(())
+    }
+
+    /// Gives `block` back to the cluster when no address of this host is left in it,
+    /// looked at alone (no address of the pool is being handed out meanwhile). A
+    /// release that fails (cluster store unreachable) leaves the block owned until a
+    /// later one.
+    async fn release_block_if_empty(&self, pool: Ipv4Network, block: Ipv4Network) {
+        let _pool = self.locks.write(&pool_lock(pool)).await;
+        let released = match self.local_addresses(pool).await {
+            Ok(left) => self.blocks.release_if_empty(pool, block, &left).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = released {
+            warn!(error = %e, %block, "could not release an empty block");
+        }
     }
 }
 

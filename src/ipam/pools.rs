@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
-use super::{allocator, Ipam, IpamError, BLOCK_SIZE_OPTION};
+use super::{allocator, pool_lock, Ipam, IpamError, BLOCK_SIZE_OPTION};
 use crate::schema::keys;
 use crate::schema::{NetworkRecord, PoolRecord};
 use crate::store::StoreExt;
@@ -18,8 +18,8 @@ impl Ipam {
     /// the last other host. A pool record that is gone is written again from what this
     /// host last knew of it. Returns the pools put right.
     pub async fn restore_references(&self) -> Result<usize, IpamError> {
-        // Checked without the lock (nearly always nothing is missing), so that no pass
-        // holds it across etcd calls for nothing.
+        // Checked without locks (nearly always nothing is missing), so that no pass
+        // holds one across etcd calls for nothing.
         let mut missing = BTreeSet::new();
         for pool in self.network_pools().await?.into_keys() {
             let rec = self
@@ -33,16 +33,16 @@ impl Ipam {
         if missing.is_empty() {
             return Ok(0);
         }
-        // The networks again under the lock, so that a ReleasePool of a network deleted
-        // meanwhile is either seen here (no network) or comes after (and releases what
-        // this adds).
-        let _guard = self.alloc.lock().await;
+        // The networks again under each pool's lock, so that a ReleasePool of a network
+        // deleted meanwhile is either seen here (no network) or comes after (and
+        // releases what this adds).
         let mut restored = 0;
         let mut first_error = None;
-        for (pool, count) in self.network_pools().await? {
-            if !missing.contains(&pool) {
+        for pool in missing {
+            let _pool = self.locks.write(&pool_lock(pool)).await;
+            let Some(&count) = self.network_pools().await?.get(&pool) else {
                 continue;
-            }
+            };
             match self.restore_reference(pool, count).await {
                 Ok(true) => restored += 1,
                 Ok(false) => {}

@@ -1086,3 +1086,64 @@ async fn a_returning_host_confirms_its_block_before_dropping_a_racing_reservatio
         "h2"
     );
 }
+
+/// Allocations side by side in one pool get different addresses, each recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_allocations_in_one_pool_get_different_addresses() {
+    let h = one_host();
+    let id = pool_id(&h, "10.42.0.0/24", "").await;
+    attach_network(&h, "10.42.0.0/24").await;
+    // A first address: the block is this host's and published.
+    h.ipam.request_address(&id, "", &none()).await.unwrap();
+    let tasks = (0..40).map(|_| {
+        let ipam = h.ipam.clone();
+        let id = id.clone();
+        tokio::spawn(async move { ipam.request_address(&id, "", &none()).await })
+    });
+    let mut got = BTreeSet::new();
+    for r in futures::future::join_all(tasks).await {
+        assert!(
+            got.insert(r.unwrap().unwrap().ip()),
+            "an address handed out twice"
+        );
+    }
+    assert_eq!(got.len(), 40);
+    let recorded = h
+        .local
+        .list(&keys::addresses_of("10.42.0.0/24".parse().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(recorded.len(), 41);
+}
+
+/// A pool's lock covers that pool only: a change held up in one pool (a slow etcd
+/// call while claiming a block, say) holds up no allocation in another, and
+/// allocations of published addresses share their pool.
+#[tokio::test]
+async fn pools_never_wait_for_each_other() {
+    let h = one_host();
+    let a = pool_id(&h, "10.42.0.0/24", "").await;
+    let b = pool_id(&h, "10.43.0.0/24", "").await;
+    attach_network(&h, "10.42.0.0/24").await;
+    attach_network(&h, "10.43.0.0/24").await;
+    h.ipam.request_address(&a, "", &none()).await.unwrap();
+    h.ipam.request_address(&b, "", &none()).await.unwrap();
+    let quick = std::time::Duration::from_secs(1);
+    {
+        let _stuck = h
+            .ipam
+            .locks
+            .write(&pool_lock(pool_of("10.42.0.0/24")))
+            .await;
+        let other = tokio::time::timeout(quick, h.ipam.request_address(&b, "", &none())).await;
+        assert!(other.is_ok(), "pool b waited for pool a");
+        let released = tokio::time::timeout(quick, h.ipam.release_address(&b, "10.43.0.3")).await;
+        assert!(released.is_ok(), "a release in pool b waited for pool a");
+    }
+    let _sharing = h.ipam.locks.read(&pool_lock(pool_of("10.42.0.0/24"))).await;
+    let same = tokio::time::timeout(quick, h.ipam.request_address(&a, "", &none())).await;
+    assert!(
+        same.is_ok(),
+        "a published address waited for another allocation"
+    );
+}
