@@ -22,8 +22,9 @@ done
 scripts/deps.sh
 cargo build --locked --release >/dev/null 2>&1 || cargo build --locked --release
 
-if [ "$quick" = 1 ]; then RUNS=1 SECS=2 PINGS=20 STARTS=3 CHURN=5 ALLOCS=100 BIG=4
-else RUNS=5 SECS=8 PINGS=300 STARTS=50 CHURN=100 ALLOCS=400 BIG=10; fi
+if [ "$quick" = 1 ]; then RUNS=1 SECS=2 PINGS=20 STARTS=3 CHURN=5 ALLOCS=100 BIG=4 BURST=5 BURSTS=1
+else RUNS=5 SECS=8 PINGS=300 STARTS=50 CHURN=100 ALLOCS=400 BIG=10 BURST=20 BURSTS=3; fi
+CLIENTS=20
 
 export LAB_ROOT=/tmp/weft-bench-$$ LAB_PREFIX=wbn$$ WEFT_LOG=info,weft::api=debug WEFT_HOST_TTL=5
 # shellcheck source=lib/lab.sh
@@ -197,47 +198,99 @@ for _ in $(seq "$STARTS"); do
 done
 percentiles "docker run to reaching a container on another host, weft" ms "${weft_t[@]}"
 percentiles "docker run to reaching a container, docker bridge" ms "${bridge_t[@]}"
-handler() { tail -n +"$(cat "$LAB_ROOT/handled.before")" "$(lab_dir h1)/weft.log" | grep "method=NetworkDriver.$1" | grep -o 'micros=[0-9]*' | cut -d= -f2 | awk '{print $1/1000}'; }
-mapfile -t ce < <(handler CreateEndpoint)
-mapfile -t jn < <(handler Join)
-percentiles "CreateEndpoint handler" ms "${ce[@]}"
-percentiles "Join handler" ms "${jn[@]}"
-mapfile -t both < <(paste <(printf '%s\n' "${ce[@]}") <(printf '%s\n' "${jn[@]}") | awk 'NF == 2 {print $1 + $2}')
-percentiles "CreateEndpoint + Join handlers" ms "${both[@]}"
+# handled_since MARK: "METHOD ENDPOINT MS" for each endpoint request weft logged after MARK.
+handled_since() {
+  tail -n +"$(cat "$1")" "$(lab_dir h1)/weft.log" | python3 -c '
+import re, sys
+for line in sys.stdin:
+    m = re.search(r"method=NetworkDriver\.(CreateEndpoint|Join)\b.*?endpoint=(\w+).*micros=(\d+)", line)
+    if m and "handled" in line:
+        print(m.group(1), m.group(2), int(m.group(3)) / 1000)'
+}
+# handler_times MARK LABEL: p50/p99 of CreateEndpoint, Join and their sum per endpoint.
+handler_times() {
+  local mark=$1 label=$2
+  handled_since "$mark" >"$LAB_ROOT/handled"
+  mapfile -t ce < <(awk '$1 == "CreateEndpoint" {print $3}' "$LAB_ROOT/handled")
+  mapfile -t jn < <(awk '$1 == "Join" {print $3}' "$LAB_ROOT/handled")
+  mapfile -t both < <(awk '{t[$2] += $3; n[$2]++} END {for (e in t) if (n[e] == 2) print t[e]}' "$LAB_ROOT/handled")
+  percentiles "CreateEndpoint handler$label" ms "${ce[@]}"
+  percentiles "Join handler$label" ms "${jn[@]}"
+  percentiles "CreateEndpoint + Join handlers$label" ms "${both[@]}"
+}
+handler_times "$LAB_ROOT/handled.before" ""
+
+log "3b. $BURST containers started at once ($BURSTS rounds)"
+wc -l <"$(lab_dir h1)/weft.log" >"$LAB_ROOT/handled.before"
+burst_t=()
+for r in $(seq "$BURSTS"); do
+  t0=$(date +%s%N)
+  for i in $(seq "$BURST"); do D h1 run -d --name "burst$r-$i" --network app "$LAB_IMAGE" sleep 600 >/dev/null & done
+  wait
+  t1=$(date +%s%N)
+  burst_t+=("$(( (t1 - t0) / 1000000 ))")
+  for i in $(seq "$BURST"); do D h1 rm -f "burst$r-$i" >/dev/null & done
+  wait
+done
+record "$BURST docker run at once, until all have started" ms "${burst_t[@]}"
+handler_times "$LAB_ROOT/handled.before" ", $BURST concurrent docker run"
 
 log "4. control plane"
 cat >"$LAB_ROOT/alloc.py" <<'PY'
-# RequestAddress + ReleaseAddress pairs per second in a fresh pool, over weft's socket.
-import http.client, json, socket, sys, time
-path, n = sys.argv[1], int(sys.argv[2])
+# RequestAddress + ReleaseAddress pairs per second in a fresh pool, over weft's socket,
+# from argv[3] clients at once (each its own connection), argv[2] pairs in all.
+import http.client, json, socket, sys, threading, time
+path, n, clients = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 class C(http.client.HTTPConnection):
     def connect(self):
         self.sock = socket.socket(socket.AF_UNIX); self.sock.connect(path)
-c = C("weft")
-def call(m, body):
+def call(c, m, body):
     c.request("POST", "/" + m, json.dumps(body)); r = c.getresponse(); out = json.loads(r.read())
     if r.status != 200: raise SystemExit(f"{m}: {out}")
     return out
-pool = call("IpamDriver.RequestPool", {"AddressSpace": "weft-local", "Pool": "10.77.0.0/16", "Options": {}})["PoolID"]
+main = C("weft")
+pool = call(main, "IpamDriver.RequestPool", {"AddressSpace": "weft-local", "Pool": "10.77.0.0/16", "Options": {}})["PoolID"]
+# One address held throughout, as a running container would: its block stays this host's.
+held = call(main, "IpamDriver.RequestAddress", {"PoolID": pool, "Address": ""})["Address"].split("/")[0]
+failed = []
+def client(k):
+    try:
+        c = C("weft")
+        for _ in range(k):
+            a = call(c, "IpamDriver.RequestAddress", {"PoolID": pool, "Address": ""})["Address"].split("/")[0]
+            call(c, "IpamDriver.ReleaseAddress", {"PoolID": pool, "Address": a})
+    except BaseException as e:
+        failed.append(e)
+threads = [threading.Thread(target=client, args=(n // clients,)) for _ in range(clients)]
 start = time.time()
-for i in range(n):
-    a = call("IpamDriver.RequestAddress", {"PoolID": pool, "Address": ""})["Address"].split("/")[0]
-    call("IpamDriver.ReleaseAddress", {"PoolID": pool, "Address": a})
-rate = n / (time.time() - start)
-call("IpamDriver.ReleasePool", {"PoolID": pool})
+for t in threads: t.start()
+for t in threads: t.join()
+rate = (n // clients) * clients / (time.time() - start)
+if failed: raise SystemExit(f"allocation failed: {failed[0]}")
+call(main, "IpamDriver.ReleaseAddress", {"PoolID": pool, "Address": held})
+call(main, "IpamDriver.ReleasePool", {"PoolID": pool})
 print(rate)
 PY
-emb=() etc=()
 single=$LAB_ROOT/single; mkdir -p "$single"
-for _ in $(seq "$RUNS"); do
-  emb+=("$(unshare --net --mount --propagation private sh -c "
-      ip link set lo up; $WEFT_BIN daemon --socket $single/weft.sock --state-dir $single/state >$single/weft.log 2>&1 &
-      pid=\$!; for i in \$(seq 100); do [ -S $single/weft.sock ] && break; sleep 0.1; done
-      python3 $LAB_ROOT/alloc.py $single/weft.sock $ALLOCS; kill \$pid; wait \$pid 2>/dev/null" | tail -1)")
-  etc+=("$(lab_exec h1 python3 "$LAB_ROOT/alloc.py" /run/docker/plugins/weft.sock "$ALLOCS" | tail -1)")
-done
-record "address allocations (request+release) embedded store" "allocations/s" "${emb[@]}"
-record "address allocations (request+release) etcd store" "allocations/s" --baseline "address allocations (request+release) embedded store" "${etc[@]}"
+# alloc_rates CLIENTS: allocation rates with the embedded store (a weft alone in a
+# fresh namespace) and with etcd (h1), RUNS times each, into emb and etc.
+alloc_rates() {
+  emb=() etc=()
+  for _ in $(seq "$RUNS"); do
+    rm -rf "$single/state"
+    emb+=("$(unshare --net --mount --propagation private sh -c "
+        ip link set lo up; $WEFT_BIN daemon --socket $single/weft.sock --state-dir $single/state >$single/weft.log 2>&1 &
+        pid=\$!; for i in \$(seq 100); do [ -S $single/weft.sock ] && break; sleep 0.1; done
+        python3 $LAB_ROOT/alloc.py $single/weft.sock $ALLOCS $1; kill \$pid; wait \$pid 2>/dev/null" | tail -1)")
+    etc+=("$(lab_exec h1 python3 "$LAB_ROOT/alloc.py" /run/docker/plugins/weft.sock "$ALLOCS" "$1" | tail -1)")
+  done
+}
+alloc_rates 1
+record "address allocations (request+release), one client, embedded store" "allocations/s" "${emb[@]}"
+record "address allocations (request+release), one client, etcd store" "allocations/s" --baseline "address allocations (request+release), one client, embedded store" "${etc[@]}"
+alloc_rates "$CLIENTS"
+record "address allocations (request+release), $CLIENTS clients, embedded store" "allocations/s" --baseline "address allocations (request+release), one client, embedded store" "${emb[@]}"
+record "address allocations (request+release), $CLIENTS clients, etcd store" "allocations/s" --baseline "address allocations (request+release), $CLIENTS clients, embedded store" "${etc[@]}"
 
 peers_of() { lab_exec "$1" wg show weft0 peers 2>/dev/null | grep -c . || true; }
 cat >"$LAB_ROOT/peers.py" <<'PY'
