@@ -69,9 +69,15 @@ async fn unknown_method(req: Request) -> Response {
 /// which runs in it), so that every line of the request, "handled" included, says so.
 pub(crate) fn record_ids(network_id: &str, endpoint_id: &str) {
     let span = tracing::Span::current();
-    span.record("network", crate::driver::short(network_id));
+    span.record(
+        "network",
+        tracing::field::display(crate::driver::short(network_id)),
+    );
     if !endpoint_id.is_empty() {
-        span.record("endpoint", crate::driver::short(endpoint_id));
+        span.record(
+            "endpoint",
+            tracing::field::display(crate::driver::short(endpoint_id)),
+        );
     }
 }
 
