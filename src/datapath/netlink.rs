@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -224,9 +224,16 @@ impl NetlinkDatapath {
             .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
     }
 
-    async fn create_pair(&self, ep: &EndpointSpec) -> Result<(), DatapathError> {
-        let msg = LinkVeth::new(&ep.host_if, &ep.container_if)
+    /// Creates the pair, both ends with the endpoint's MTU, the host end up. Returns
+    /// whether it was created (false: it exists already).
+    async fn create_pair(&self, ep: &EndpointSpec) -> Result<bool, DatapathError> {
+        let peer = LinkUnspec::new_with_name(&ep.container_if)
             .mtu(ep.mtu)
+            .build();
+        let msg = LinkVeth::new(&ep.host_if, &ep.container_if)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .mtu(ep.mtu)
+            .up()
             .build();
         let created = self
             .handle
@@ -238,9 +245,9 @@ impl NetlinkDatapath {
         match created {
             Ok(()) => {
                 info!(link = %ep.host_if, peer = %ep.container_if, mtu = ep.mtu, "veth pair created");
-                Ok(())
+                Ok(true)
             }
-            Err(DatapathError::AlreadyExists { .. }) => Ok(()),
+            Err(DatapathError::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -498,35 +505,36 @@ impl Datapath for NetlinkDatapath {
     }
 
     async fn setup_endpoint(&self, ep: &EndpointSpec) -> Result<(), DatapathError> {
-        let host = match self.link(&ep.host_if).await? {
-            Some(l) => l,
-            None => {
-                self.create_pair(ep).await?;
-                self.link(&ep.host_if)
-                    .await?
-                    .ok_or_else(|| DatapathError::NotFound {
-                        what: format!("link {} right after creating it", ep.host_if),
-                    })?
+        // A new pair is created whole (both MTUs, host end up) in one request: the
+        // container path makes as few round trips under the kernel's RTNL as it can.
+        let created = self.create_pair(ep).await?;
+        let host = self
+            .link(&ep.host_if)
+            .await?
+            .ok_or_else(|| DatapathError::NotFound {
+                what: format!("link {} right after creating it", ep.host_if),
+            })?;
+        if !created {
+            // An existing pair (the reconciler's repair): the container end is ours to
+            // configure only while it is still in this namespace.
+            if let Some(peer) = self.link(&ep.container_if).await? {
+                if peer.mtu != ep.mtu {
+                    self.set_link(
+                        format!("set MTU of {}", ep.container_if),
+                        LinkUnspec::new_with_index(peer.index).mtu(ep.mtu).build(),
+                    )
+                    .await?;
+                }
             }
-        };
-        // The container end is ours to configure only while it is still in this namespace.
-        if let Some(peer) = self.link(&ep.container_if).await? {
-            if peer.mtu != ep.mtu {
-                self.set_link(
-                    format!("set MTU of {}", ep.container_if),
-                    LinkUnspec::new_with_index(peer.index).mtu(ep.mtu).build(),
-                )
-                .await?;
-            }
+            self.set_link(
+                format!("set up {}", ep.host_if),
+                LinkUnspec::new_with_index(host.index)
+                    .mtu(ep.mtu)
+                    .up()
+                    .build(),
+            )
+            .await?;
         }
-        self.set_link(
-            format!("set up {}", ep.host_if),
-            LinkUnspec::new_with_index(host.index)
-                .mtu(ep.mtu)
-                .up()
-                .build(),
-        )
-        .await?;
         // The host end answers ARP for the whole subnet (and for the gateway), at once.
         self.sysctl
             .set(&format!("ipv4/conf/{}/proxy_arp", ep.host_if), "1")
@@ -555,26 +563,10 @@ impl Datapath for NetlinkDatapath {
     }
 
     async fn teardown_endpoint(&self, ep: &EndpointSpec) -> Result<(), DatapathError> {
+        // Deleting the host end takes the container end (while it is still here) and
+        // every route through the link, the endpoint's /32 among them; a route another
+        // endpoint holds for the address now goes through that one's link and stays.
         let mut errors = Vec::new();
-        let dst = Ipv4Network::new(ep.address, 32).expect("/32");
-        match self.routes().await {
-            Ok(routes) => {
-                // Only the route through this endpoint's own link: another endpoint may
-                // hold the address now. A route through a vanished link is gone with it.
-                let host_index = self.link(&ep.host_if).await.ok().flatten().map(|l| l.index);
-                for r in routes.iter().filter(|r| {
-                    r.dst == dst
-                        && r.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
-                        && host_index.is_some()
-                        && r.oif == host_index
-                }) {
-                    if let Err(e) = self.delete_route(r).await {
-                        errors.push(e);
-                    }
-                }
-            }
-            Err(e) => errors.push(e),
-        }
         for name in [&ep.host_if, &ep.container_if] {
             match self.link(name).await {
                 Ok(Some(link)) => {

@@ -489,25 +489,34 @@ impl Driver {
                 warn!(error = %e, "removing the superseded endpoint left something behind");
             }
         }
-        if self
-            .local
-            .create_json(&keys::endpoint(&record.id), &record)
-            .await?
-            .is_none()
-        {
-            return Err(DriverError::Conflict(format!(
-                "endpoint {} was created concurrently",
-                short(&record.id)
-            )));
-        }
-        // The endpoint's own kernel state is all it needs: the firewall checks a
-        // container's source address against its route, so no firewall change waits.
-        if let Err(e) = self.datapath.setup_endpoint(&record.spec()).await {
+        // The record's write and the endpoint's own kernel state, side by side: nothing
+        // else looks at either before this endpoint's lock is free (the reconciler
+        // checks a link's record under it), and the firewall checks a container's
+        // source address against its route, so no firewall change waits.
+        let (key, spec) = (keys::endpoint(&record.id), record.spec());
+        let (stored, set_up) = tokio::join!(
+            self.local.create_json(&key, &record),
+            self.datapath.setup_endpoint(&spec)
+        );
+        let failed = match (stored, set_up) {
+            (Ok(Some(_)), Ok(())) => None,
+            // Another record of this ID: impossible under the endpoint lock, but never
+            // tear down what would be its links.
+            (Ok(None), _) => {
+                return Err(DriverError::Conflict(format!(
+                    "endpoint {} was created concurrently",
+                    short(&record.id)
+                )))
+            }
+            (Err(e), _) => Some(DriverError::from(e)),
+            (_, Err(e)) => Some(DriverError::from(e)),
+        };
+        if let Some(e) = failed {
             // Docker does not call DeleteEndpoint after a failed CreateEndpoint.
             if let Err(undo) = self.remove_endpoint(&record).await {
                 warn!(error = %undo, "rollback of a failed endpoint left something behind");
             }
-            return Err(e.into());
+            return Err(e);
         }
         info!(address = %record.address, link = %record.host_if, mtu = record.mtu, "endpoint created");
         // Docker set the address (and MAC, if any); echoing them back is an error.
@@ -565,8 +574,11 @@ impl Driver {
                 DriverError::NotFound(format!("endpoint {} not found", short(&req.endpoint_id)))
             })?;
         let mut ep = rec.value;
-        // Repairs a pair lost while weft was down; never touches the sandbox (it may not exist yet).
-        self.datapath.setup_endpoint(&ep.spec()).await?;
+        // Repairs a pair lost while weft was down (both ends go together, so the host
+        // end tells); never touches the sandbox (it may not exist yet).
+        if !self.datapath.host_link_exists(&ep.host_if).await? {
+            self.datapath.setup_endpoint(&ep.spec()).await?;
+        }
         if !ep.joined {
             ep.joined = true;
             if self
@@ -754,8 +766,8 @@ impl Driver {
                 errors.push(e.into());
             }
         }
-        // The links first, then the records: a link whose endpoint is being created
-        // has its record written before the link exists, so it is seen as owned.
+        // A link with no record may belong to an endpoint being created (its record
+        // and link are written side by side): decided under that endpoint's lock.
         let links = self.datapath.endpoint_links().await?;
         let endpoints = self.endpoints().await?;
         let owned = |endpoints: &[EndpointRecord], link: &str| {
