@@ -204,8 +204,22 @@ async fn the_routed_datapath_works_end_to_end_and_cleans_up() {
     );
 
     // A route removed behind weft's back comes back with the next setup (the reconciler's call).
+    let both = [a.clone(), b.clone()];
+    assert!(dp.endpoints_needing_setup(&both).await.unwrap().is_empty());
     sh("ip route del 10.77.0.3/32");
+    // What the reconciler's quiet passes look for: a lost /32, a host end down.
+    assert_eq!(
+        dp.endpoints_needing_setup(&both).await.unwrap(),
+        [b.host_if.clone()].into()
+    );
     dp.setup_endpoint(&b).await.unwrap();
+    sh(&format!("ip link set {} down", a.host_if));
+    assert_eq!(
+        dp.endpoints_needing_setup(&both).await.unwrap(),
+        [a.host_if.clone()].into()
+    );
+    dp.setup_endpoint(&a).await.unwrap();
+    assert!(dp.endpoints_needing_setup(&both).await.unwrap().is_empty());
     assert!(
         ok(&format!(
             "ip netns exec {sa} busybox ping -c 1 -W 2 10.77.0.3 >/dev/null"

@@ -23,6 +23,9 @@ pub struct FakeState {
     pub tunnel_routes: Vec<Ipv4Network>,
     /// Makes every `setup_endpoint` take this long (a slow kernel).
     pub setup_delay: Option<std::time::Duration>,
+    /// Host ends whose state was changed behind weft's back (down, lost route), until
+    /// the next setup.
+    pub damaged: BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -75,6 +78,7 @@ impl Datapath for FakeDatapath {
                 });
             }
             s.setups += 1;
+            s.damaged.remove(&ep.host_if);
             s.links.insert(ep.host_if.clone());
             s.links.insert(ep.container_if.clone());
             Ok(())
@@ -92,6 +96,19 @@ impl Datapath for FakeDatapath {
 
     async fn endpoint_links(&self) -> Result<Vec<String>, DatapathError> {
         Ok(self.links().into_iter().collect())
+    }
+
+    async fn endpoints_needing_setup(
+        &self,
+        endpoints: &[EndpointSpec],
+    ) -> Result<BTreeSet<String>, DatapathError> {
+        Ok(self.with(|s| {
+            endpoints
+                .iter()
+                .filter(|e| !s.links.contains(&e.host_if) || s.damaged.contains(&e.host_if))
+                .map(|e| e.host_if.clone())
+                .collect()
+        }))
     }
 
     async fn delete_link(&self, name: &str) -> Result<(), DatapathError> {

@@ -101,6 +101,14 @@ pub trait Datapath: Send + Sync + 'static {
     async fn host_link_exists(&self, host_if: &str) -> Result<bool, DatapathError>;
     /// Names of every link in this namespace with one of weft's endpoint prefixes.
     async fn endpoint_links(&self) -> Result<Vec<String>, DatapathError>;
+    /// The host ends (`host_if`) of those of `endpoints` whose kernel state is not as
+    /// [`Datapath::setup_endpoint`] leaves it: the host end missing or down, a wrong
+    /// MTU, or no /32 through it. One look at the kernel for all of them, so a pass
+    /// over many healthy endpoints costs next to nothing per endpoint.
+    async fn endpoints_needing_setup(
+        &self,
+        endpoints: &[EndpointSpec],
+    ) -> Result<std::collections::BTreeSet<String>, DatapathError>;
     async fn delete_link(&self, name: &str) -> Result<(), DatapathError>;
     /// Brings networks (gateway addresses, subnet routes) and the firewall to
     /// `desired`, removing whatever weft installed that is not in it (an endpoint's

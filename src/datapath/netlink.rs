@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -79,6 +79,7 @@ struct Link {
     index: u32,
     name: String,
     mtu: u32,
+    up: bool,
 }
 
 fn link_of(msg: &LinkMessage) -> Link {
@@ -86,6 +87,7 @@ fn link_of(msg: &LinkMessage) -> Link {
         index: msg.header.index,
         name: String::new(),
         mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
     };
     for attr in &msg.attributes {
         match attr {
@@ -597,6 +599,33 @@ impl Datapath for NetlinkDatapath {
             .into_iter()
             .map(|l| l.name)
             .filter(|n| n.starts_with(HOST_IF_PREFIX) || n.starts_with(CONTAINER_IF_PREFIX))
+            .collect())
+    }
+
+    async fn endpoints_needing_setup(
+        &self,
+        endpoints: &[EndpointSpec],
+    ) -> Result<BTreeSet<String>, DatapathError> {
+        let links: std::collections::HashMap<String, Link> = self
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.name.clone(), l))
+            .collect();
+        let routed: BTreeSet<(Ipv4Addr, u32)> = self
+            .routes()
+            .await?
+            .iter()
+            .filter(|r| r.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) && r.dst.prefix() == 32)
+            .filter_map(|r| Some((r.dst.ip(), r.oif?)))
+            .collect();
+        Ok(endpoints
+            .iter()
+            .filter(|e| match links.get(&e.host_if) {
+                None => true,
+                Some(l) => !l.up || l.mtu != e.mtu || !routed.contains(&(e.address, l.index)),
+            })
+            .map(|e| e.host_if.clone())
             .collect())
     }
 

@@ -88,7 +88,15 @@ pub struct Driver {
     /// routes): only network changes and the reconciler sync; the container path
     /// (endpoints, join, leave) never does.
     syncing: Mutex<()>,
+    /// Reconcile passes so far (every [`THOROUGH_EVERY`]th sets every endpoint up again).
+    passes: std::sync::atomic::AtomicU64,
 }
+
+/// Every this many reconcile passes, the first among them, every endpoint is set up
+/// again (its sysctls too); the passes between repair only what one look at the
+/// kernel shows amiss, so a quiet host's passes cost little however many containers
+/// it runs.
+pub const THOROUGH_EVERY: u64 = 30;
 
 /// Names in [`Driver::locks`]. Order when taking several: network, address, endpoint.
 mod lock_keys {
@@ -141,6 +149,7 @@ impl Driver {
             locks: KeyedLocks::default(),
             creating: std::sync::Mutex::new(Vec::new()),
             syncing: Mutex::new(()),
+            passes: Default::default(),
         }
     }
 
@@ -723,9 +732,27 @@ impl Driver {
     /// each endpoint's locks only while it looks at that endpoint, so requests for
     /// other containers go on meanwhile.
     pub async fn reconcile(&self) -> Result<ReconcileReport, DriverError> {
+        let thorough = self
+            .passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(THOROUGH_EVERY);
         let mut report = ReconcileReport::default();
         let mut errors = Vec::new();
-        for listed in self.endpoints().await? {
+        let endpoints = self.endpoints().await?;
+        let networks: std::collections::BTreeSet<String> =
+            self.networks().await?.into_iter().map(|n| n.id).collect();
+        let specs: Vec<EndpointSpec> = endpoints.iter().map(EndpointRecord::spec).collect();
+        let needing_setup = self.datapath.endpoints_needing_setup(&specs).await?;
+        for listed in endpoints {
+            // A joined endpoint of a known network whose links and route are as set up
+            // needs nothing; anything else is looked at closely, under its locks.
+            let quiet = !thorough
+                && listed.joined
+                && networks.contains(&listed.network_id)
+                && !needing_setup.contains(&listed.host_if);
+            if quiet {
+                continue;
+            }
             let _net = self
                 .locks
                 .read(&lock_keys::network(&listed.network_id))

@@ -525,3 +525,44 @@ async fn a_returning_host_restores_its_memberships() {
     assert_eq!(rec.hosts, ["h2".to_string()].into());
     assert_eq!(rec.name.as_deref(), Some("blue"));
 }
+
+/// A pass over healthy joined endpoints sets none of them up again: the cost of a
+/// quiet host's passes grows with what changed, not with its containers. What the
+/// kernel shows amiss is still repaired at once, and every THOROUGH_EVERY-th pass
+/// sets everything up again.
+#[tokio::test]
+async fn quiet_reconcile_passes_touch_only_what_changed() {
+    let (d, fake, _) = with_network(DriverConfig::default()).await;
+    let ids: Vec<String> = (0..20u8).map(|i| format!("{i:02x}{}", &EP[2..])).collect();
+    for (i, id) in ids.iter().enumerate() {
+        d.create_endpoint(endpoint_req(NET, id, &format!("10.42.0.{}/16", i + 2)))
+            .await
+            .unwrap();
+        d.join(join_req(NET, id)).await.unwrap();
+    }
+    d.reconcile().await.unwrap(); // the first pass is thorough
+    let before = fake.with(|s| s.setups);
+    for _ in 0..3 {
+        d.reconcile().await.unwrap();
+    }
+    assert_eq!(
+        fake.with(|s| s.setups),
+        before,
+        "quiet passes set endpoints up"
+    );
+    let (host_if, _) = link_names(&ids[7]).unwrap();
+    fake.with(|s| s.damaged.insert(host_if.clone()));
+    d.reconcile().await.unwrap();
+    assert_eq!(fake.with(|s| s.setups), before + 1, "only the damaged one");
+    assert!(!fake.with(|s| s.damaged.contains(&host_if)), "repaired");
+    for _ in 5..THOROUGH_EVERY {
+        d.reconcile().await.unwrap();
+    }
+    assert_eq!(fake.with(|s| s.setups), before + 1);
+    d.reconcile().await.unwrap();
+    assert_eq!(
+        fake.with(|s| s.setups),
+        before + 1 + ids.len(),
+        "the thorough pass sets everything up"
+    );
+}
