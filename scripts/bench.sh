@@ -235,6 +235,22 @@ done
 record "$BURST docker run at once, until all have started" ms "${burst_t[@]}"
 handler_times "$LAB_ROOT/handled.before" ", $BURST concurrent docker run"
 
+# The kernel's own share, for scale: veth pairs created, then deleted, 100 at a time by
+# one `ip -batch` each (no process start per pair), in a namespace of their own. Both
+# run under the kernel's RTNL lock, which every container start and removal on the host
+# (dockerd's own links and namespaces among them) takes in turn.
+veth_add=() veth_del=()
+for _ in $(seq "$RUNS"); do
+  read -r a d < <(unshare --net bash -c '
+    for i in $(seq 100); do echo "link add kva$i type veth peer name kvb$i"; done >"$1/veth.add"
+    for i in $(seq 100); do echo "link del kva$i"; done >"$1/veth.del"
+    t0=$(date +%s%N); ip -batch "$1/veth.add"; t1=$(date +%s%N); ip -batch "$1/veth.del"; t2=$(date +%s%N)
+    python3 -c "print(($t1 - $t0) / 1e8, ($t2 - $t1) / 1e8)"' _ "$LAB_ROOT")
+  veth_add+=("$a"); veth_del+=("$d")
+done
+record "kernel: create a veth pair (100 in one ip -batch)" ms "${veth_add[@]}"
+record "kernel: delete a veth pair (100 in one ip -batch)" ms "${veth_del[@]}"
+
 log "4. control plane"
 cat >"$LAB_ROOT/alloc.py" <<'PY'
 # RequestAddress + ReleaseAddress pairs per second in a fresh pool, over weft's socket,
@@ -393,6 +409,9 @@ lines = ["# weft benchmarks", "",
 for r in recs:
     ratio = f"{r['ratio']} × {r['baseline']}" if "ratio" in r else ""
     lines.append(f"| {r['name']} | {r['unit']} | {fmt(r['median'])} | {fmt(r['min'])} | {fmt(r['max'])} | {ratio} |")
+if quick != "1":
+    lines += ["", "![TCP throughput by path](benchmarks-throughput.svg)", "",
+              "![A new host programmed on every other host, by cluster size](benchmarks-convergence.svg)"]
 # The hand-written reading of a full run's figures (bench/notes.md) follows the tables.
 notes = "bench/notes.md"
 import os
@@ -400,3 +419,4 @@ extra = ("\n" + open(notes).read()) if quick != "1" and os.path.exists(notes) el
 open(report, "w").write("\n".join(lines) + "\n" + extra)
 print(f"report: {report}", file=sys.stderr)
 PY
+[ "$quick" = 1 ] || python3 bench/plot.py "$out" docs
