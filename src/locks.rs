@@ -1,8 +1,10 @@
 //! Locks by name: one reader-writer lock per network, endpoint, address or pool, so
-//! that changes to different objects never wait for each other. Nothing in weft
-//! holds a lock that covers the whole host across an etcd call, an fsync or a child
-//! process; what must be unique across the host is decided by the store's
-//! compare-and-set.
+//! that changes to different objects never wait for each other; what must be unique
+//! across hosts is decided by the store's compare-and-set. What is still done one at
+//! a time on a host, and never on behalf of one container: the host-wide datapath
+//! sync of network changes and the reconciler (it runs `nft` and `iptables`), the
+//! choice of an automatic pool (etcd calls), and the embedded store's writes (one
+//! fsync at a time, each carrying every change waiting for it).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

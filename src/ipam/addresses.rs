@@ -68,15 +68,17 @@ impl Ipam {
     /// side with other allocations of the pool, or else (alone in the pool) from the
     /// cluster store's view of its blocks.
     pub(super) async fn allocate_dynamic(&self, pool: Ipv4Network) -> Result<Ipv4Addr, IpamError> {
-        let record = {
+        {
             let _shared = self.locks.read(&pool_lock(pool)).await;
             let record = self.pool_record(pool).await?;
             if let Some(ip) = self.allocate_published(&record).await? {
                 return Ok(ip);
             }
-            record
-        };
+        }
         let _alone = self.locks.write(&pool_lock(pool)).await;
+        // Read again: the gateway, an aux reservation or a release may have come
+        // between the two locks.
+        let record = self.pool_record(pool).await?;
         self.allocate_from_blocks(&record).await
     }
 

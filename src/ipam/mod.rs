@@ -306,15 +306,23 @@ impl Ipam {
         let key = keys::address(id.pool, ip);
         let released = {
             let _shared = self.locks.read(&pool_lock(id.pool)).await;
-            match self.local.get_json::<AddressRecord>(&key).await? {
-                Some(rec) if self.local.delete(&key, Some(rec.revision)).await? => {
+            let mut released = None;
+            for attempt in 0.. {
+                let Some(rec) = self.local.get_json::<AddressRecord>(&key).await? else {
+                    break;
+                };
+                // Conditional on the revision read: the collector may have stamped the
+                // record meanwhile (then read it again).
+                if self.local.delete(&key, Some(rec.revision)).await? {
                     let left = self.local_addresses(id.pool).await?;
-                    Some((rec.value.block, left))
+                    released = Some((rec.value.block, left));
+                    break;
                 }
-                // Released by a concurrent call meanwhile.
-                Some(_) => return Ok(()),
-                None => None,
+                if attempt == crate::store::CAS_RETRIES {
+                    return Err(StoreError::Contended(key).into());
+                }
             }
+            released
         };
         if let Some((block, left)) = released {
             if !left.iter().any(|a| block.contains(*a)) {

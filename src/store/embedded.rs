@@ -68,6 +68,9 @@ impl Data {
     }
 }
 
+/// What a waiting change hears from the writer: written, or why not.
+type Outcome = Result<(), (std::io::ErrorKind, String)>;
+
 #[derive(Debug)]
 struct Inner {
     path: Option<PathBuf>,
@@ -75,26 +78,17 @@ struct Inner {
     data: Data,
     /// What the state file holds: where a failed write rolls back to.
     written: Data,
-    /// Count of changes applied; each change is known by its number.
-    applied: u64,
-}
-
-/// The writer's side, behind an async mutex: one write at a time.
-#[derive(Debug, Default)]
-struct Writes {
-    /// Changes up to this number are in the state file.
-    durable: u64,
-    /// Changes up to this number were rolled back by a failed write (and what failed).
-    failed: u64,
-    failure: Option<(std::io::ErrorKind, String)>,
+    /// The callers of changes applied but not yet written, waiting for the outcome.
+    waiting: Vec<tokio::sync::oneshot::Sender<Outcome>>,
+    /// Whether the writer task is running (it exits when nothing waits).
+    writing: bool,
     /// How many times the state file was written.
-    count: u64,
+    writes: u64,
 }
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Mutex<Inner>>,
-    writes: Arc<tokio::sync::Mutex<Writes>>,
 }
 
 pub const STATE_FILE: &str = "state.json";
@@ -133,102 +127,113 @@ impl EmbeddedStore {
                 path,
                 written: data.clone(),
                 data,
-                applied: 0,
+                waiting: Vec::new(),
+                writing: false,
+                writes: 0,
             })),
-            writes: Arc::default(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
     /// How many times the state file has been written (each write may carry many
     /// changes).
-    pub async fn writes(&self) -> u64 {
-        self.writes.lock().await.count
+    pub fn writes(&self) -> u64 {
+        self.lock().writes
     }
 
     /// Runs `f` on the data; when it reports a change, returns once the change is in
-    /// the state file (see the module's group commit).
+    /// the state file (see the module's group commit). Dropping the returned future
+    /// drops only the wait: the change is written (or rolled back) all the same.
     async fn mutate<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         F: FnOnce(&mut Data) -> Result<(R, bool), StoreError>,
     {
-        let (result, change) = {
+        let (result, outcome, path) = {
             let mut inner = self.lock();
             // Expired entries are gone for every change, as they are for every read.
             let now = now_ms();
             inner.data.entries.retain(|_, e| e.live(now));
             let (result, changed) = f(&mut inner.data)?;
-            if !changed || inner.path.is_none() {
+            let Some(path) = inner.path.clone().filter(|_| changed) else {
                 return Ok(result);
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            inner.waiting.push(tx);
+            if !inner.writing {
+                inner.writing = true;
+                tokio::spawn(write_while_waited_for(self.inner.clone(), path.clone()));
             }
-            inner.applied += 1;
-            (result, inner.applied)
+            (result, rx, path)
         };
-        self.write_through(change).await?;
-        Ok(result)
-    }
-
-    /// Returns once change number `change` is in the state file: written by an earlier
-    /// write, or by this call's, which takes every change applied so far.
-    async fn write_through(&self, change: u64) -> Result<(), StoreError> {
-        let mut writes = self.writes.lock().await;
-        if writes.durable >= change {
-            return Ok(());
-        }
-        if writes.failed >= change {
-            let (kind, message) = writes
-                .failure
-                .clone()
-                .unwrap_or_else(|| (std::io::ErrorKind::Other, "an earlier write failed".into()));
-            return Err(StoreError::Io {
-                path: self
-                    .lock()
-                    .path
-                    .clone()
-                    .unwrap_or_default()
-                    .display()
-                    .to_string(),
+        match outcome.await {
+            Ok(Ok(())) => Ok(result),
+            Ok(Err((kind, message))) => Err(StoreError::Io {
+                path: path.display().to_string(),
                 source: std::io::Error::new(kind, message),
-            });
-        }
-        let (path, data, upto) = {
-            let inner = self.lock();
-            let path = inner
-                .path
-                .clone()
-                .expect("only a file store waits for writes");
-            (path, inner.data.clone(), inner.applied)
-        };
-        writes.count += 1;
-        let result = tokio::task::spawn_blocking(move || persist(&path, &data).map(|()| data))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("store write failed: {e}"))));
-        let mut inner = self.lock();
-        match result {
-            Ok(written) => {
-                writes.durable = upto;
-                inner.written = written;
-                Ok(())
-            }
-            Err(e) => {
-                // Everything applied since the last good write goes, also changes made
-                // during this write (their callers are waiting and fail here too).
-                inner.data = inner.written.clone();
-                writes.failed = inner.applied;
-                writes.failure = Some(match &e {
-                    StoreError::Io { source, .. } => (source.kind(), e.to_string()),
-                    other => (std::io::ErrorKind::Other, other.to_string()),
-                });
-                Err(e)
-            }
+            }),
+            Err(_) => Err(StoreError::Unavailable(
+                "the store's writer stopped before writing this change".into(),
+            )),
         }
     }
 
     fn read<R>(&self, f: impl FnOnce(&Data) -> R) -> R {
         f(&self.lock().data)
+    }
+}
+
+fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The one writer: while changes wait, writes the state that holds all of them (off
+/// the runtime's worker threads) and tells their callers. A failed write rolls the
+/// data back to what the file holds and fails every change not in it, also those
+/// applied during the write. Runs detached, so no caller going away can leave a
+/// write half-told or start a second one.
+async fn write_while_waited_for(inner: Arc<Mutex<Inner>>, path: PathBuf) {
+    loop {
+        let (data, told) = {
+            let mut guard = lock(&inner);
+            if guard.waiting.is_empty() {
+                guard.writing = false;
+                return;
+            }
+            guard.writes += 1;
+            (guard.data.clone(), std::mem::take(&mut guard.waiting))
+        };
+        let target = path.clone();
+        let result = tokio::task::spawn_blocking(move || persist(&target, &data).map(|()| data))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("store write failed: {e}"))));
+        let mut guard = lock(&inner);
+        let outcome: Outcome = match result {
+            Ok(written) => {
+                guard.written = written;
+                Ok(())
+            }
+            Err(e) => {
+                let kind = match &e {
+                    StoreError::Io { source, .. } => source.kind(),
+                    _ => std::io::ErrorKind::Other,
+                };
+                // Revisions handed out stay used: a reader may have seen one.
+                let revision = guard.data.revision;
+                guard.data = guard.written.clone();
+                guard.data.revision = revision;
+                for later in std::mem::take(&mut guard.waiting) {
+                    let _ = later.send(Err((kind, e.to_string())));
+                }
+                Err((kind, e.to_string()))
+            }
+        };
+        drop(guard);
+        for waiter in told {
+            let _ = waiter.send(outcome.clone());
+        }
     }
 }
 
@@ -408,7 +413,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("s");
         let store = EmbeddedStore::open(&sub).unwrap();
-        store.create("a", b"1".to_vec()).await.unwrap().unwrap();
+        let first = store.create("a", b"1".to_vec()).await.unwrap().unwrap();
         // Make the directory unwritable by replacing it with a file.
         fs::remove_dir_all(&sub).unwrap();
         fs::write(&sub, b"").unwrap();
@@ -423,6 +428,19 @@ mod tests {
         assert!(results.iter().all(|r| r.is_err()), "{results:?}");
         assert!(store.list("c").await.unwrap().is_empty());
         assert_eq!(store.get("a").await.unwrap().unwrap().value, b"1");
+        // Writable again: changes are written, and the revisions the failed changes
+        // took (a reader may have seen them) are never handed out again.
+        fs::remove_file(&sub).unwrap();
+        fs::create_dir(&sub).unwrap();
+        let next = store.create("d", b"4".to_vec()).await.unwrap().unwrap();
+        assert!(
+            next > first + 11,
+            "revision {next} reused after a failed write"
+        );
+        drop(store);
+        let reopened = EmbeddedStore::open(&sub).unwrap();
+        assert_eq!(reopened.get("d").await.unwrap().unwrap().value, b"4");
+        assert!(reopened.get("b").await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -438,7 +456,7 @@ mod tests {
             results.iter().all(|r| matches!(r, Ok(Some(_)))),
             "{results:?}"
         );
-        let writes = store.writes().await;
+        let writes = store.writes();
         assert!(writes <= 10, "100 concurrent changes took {writes} writes");
         drop(store);
         let reopened = EmbeddedStore::open(dir.path()).unwrap();
