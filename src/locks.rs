@@ -42,13 +42,10 @@ impl KeyedLocks {
         self.lock_for(key).write_owned().await
     }
 
-    /// How many named locks the set remembers (for tests).
-    pub fn len(&self) -> usize {
+    /// How many named locks the set remembers.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.locks.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -34,7 +34,7 @@ pub struct NetlinkDatapath {
     /// check spawns iptables several times, so request-path syncs reuse a recent one;
     /// the reconciler's passes (further apart than this) re-verify.
     iptables_checked: std::sync::Mutex<Option<(bool, Instant)>>,
-    /// The firewall state weft last applied, for incremental updates.
+    /// The firewall state weft last applied: a sync that would apply the same skips `nft`.
     nft_applied: std::sync::Mutex<Option<DesiredState>>,
     /// The tunnel interface whose traffic to containers is accepted, if any.
     tunnel_if: Option<String>,
