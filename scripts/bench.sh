@@ -22,15 +22,15 @@ done
 scripts/deps.sh
 cargo build --locked --release >/dev/null 2>&1 || cargo build --locked --release
 
-if [ "$quick" = 1 ]; then RUNS=1 SECS=2 PINGS=20 STARTS=3 CHURN=5 ALLOCS=100 BIG=4 BURST=5 BURSTS=1
-else RUNS=5 SECS=8 PINGS=300 STARTS=50 CHURN=100 ALLOCS=400 BIG=10 BURST=20 BURSTS=3; fi
+if [ "$quick" = 1 ]; then RUNS=1 SECS=2 PINGS=20 STARTS=3 CHURN=5 ALLOCS=100 BIG=4 BURST=5 BURSTS=1 MESH=10,100 JOINS=2
+else RUNS=5 SECS=8 PINGS=300 STARTS=50 CHURN=100 ALLOCS=400 BIG=10 BURST=20 BURSTS=3 MESH=10,100,1000 JOINS=10; fi
 CLIENTS=20
 
 export LAB_ROOT=/tmp/weft-bench-$$ LAB_PREFIX=wbn$$ WEFT_LOG=info,weft::api=debug WEFT_HOST_TTL=5
 # shellcheck source=lib/lab.sh
 source scripts/lib/lab.sh
 REC=$LAB_ROOT/records.jsonl
-cleanup() { lab_down >/dev/null 2>&1 || true; }
+cleanup() { lab_down >/dev/null 2>&1 || true; rm -f "$LAB_ROOT.records"; }
 trap cleanup EXIT
 mkdir -p "$LAB_ROOT"
 D() { local h=$1; shift; lab_docker "$h" "$@"; }
@@ -179,6 +179,28 @@ if [ -n "$OLD_WG" ]; then
 else
   log "1b. skipped: Debian 12's own wireguard-go is not at hand"
 fi
+
+log "1c. offloads hop by hop: mean bytes per packet on every link of weft's path during one stream c1 -> c2"
+# A link that carries large segments counts one packet per segment (tens of KiB);
+# one that splits them counts one per MTU-sized packet.
+stats_of() { # HOST DEV: "tx_bytes tx_packets rx_bytes rx_packets"
+  lab_exec "$1" ip -s -j link show dev "$2" | python3 -c 'import json,sys; s=json.load(sys.stdin)[0]["stats64"]; print(s["tx"]["bytes"], s["tx"]["packets"], s["rx"]["bytes"], s["rx"]["packets"])'
+}
+C1=$(ip_of h1 c1 app)
+V1=$(lab_exec h1 ip -4 route show "$C1/32" | awk '{for (i = 1; i < NF; i++) if ($i == "dev") print $(i + 1)}')
+V2=$(lab_exec h2 ip -4 route show "$C2/32" | awk '{for (i = 1; i < NF; i++) if ($i == "dev") print $(i + 1)}')
+hops=("h1 $V1 rx container to host (veth)" "h1 weft0 tx host into WireGuard (TUN)" "h1 eth0 tx WireGuard UDP out (underlay)"
+      "h2 eth0 rx WireGuard UDP in (underlay)" "h2 weft0 rx out of WireGuard (TUN)" "h2 $V2 tx host to container (veth)")
+declare -A before
+for hop in "${hops[@]}"; do read -r h dev _ <<<"$hop"; before[$h.$dev]=$(stats_of "$h" "$dev"); done
+D h1 exec c1 iperf3 -c "$C2" -p 5201 -t "$SECS" -P 1 -J >/dev/null
+for hop in "${hops[@]}"; do
+  read -r h dev dir what <<<"$hop"
+  read -r tb0 tp0 rb0 rp0 <<<"${before[$h.$dev]}"
+  read -r tb1 tp1 rb1 rp1 <<<"$(stats_of "$h" "$dev")"
+  if [ "$dir" = tx ]; then b=$((tb1 - tb0)) p=$((tp1 - tp0)); else b=$((rb1 - rb0)) p=$((rp1 - rp0)); fi
+  record "bytes per packet, $h $what" bytes "$(( b / (p > 0 ? p : 1) ))"
+done
 
 log "2. latency ($PINGS pings each)"
 rtts() { grep -o 'time=[0-9.]*' | cut -d= -f2; }
@@ -383,6 +405,61 @@ ticks_end=$(cpu_ticks "$pid"); ns_end=$(now)
 busy=$(( ticks_started - ticks_start + ticks_end - ticks_rm ))
 record "weft CPU during churn ($CHURN containers started and removed)" "% of one core" "$(python3 -c "print(100*$busy/$hz/(($ns_started-$ns_start+$ns_end-$ns_rm)/1e9))")"
 record "weft RSS peak after churn" MiB "$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status")"
+
+log "5b. Docker's own overlay in swarm mode (VXLAN) between h1 and h2, the peer a user would pick instead"
+# swarm_overlay: h1 and h2 in one swarm, an attachable overlay with a container on
+# each; returns non-zero (and the section is skipped) when swarm mode does not come up.
+swarm_overlay() {
+  local token i
+  timeout 60 docker -H "unix://$(lab_dir h1)/docker.sock" swarm init --advertise-addr 192.0.2.11 \
+    --listen-addr 192.0.2.11:2377 >/dev/null || return 1
+  token=$(D h1 swarm join-token -q worker) || return 1
+  timeout 60 docker -H "unix://$(lab_dir h2)/docker.sock" swarm join --token "$token" \
+    --advertise-addr 192.0.2.12 --listen-addr 192.0.2.12:2377 192.0.2.11:2377 >/dev/null || return 1
+  D h1 network create -d overlay --attachable ovl >/dev/null || return 1
+  D h2 run -d --name o2 --network ovl "$LAB_IMAGE" sleep 36000 >/dev/null || return 1
+  D h1 run -d --name o1 --network ovl "$LAB_IMAGE" sleep 36000 >/dev/null || return 1
+  O2=$(ip_of h2 o2 ovl)
+  for i in $(seq 150); do
+    D h1 exec o1 ping -c 1 -W 1 "$O2" >/dev/null 2>&1 && break
+    [ "$i" = 150 ] && return 1
+    sleep 0.2
+  done
+  D h2 exec -d o2 iperf3 -s -p 5201
+}
+if swarm_overlay; then
+  for streams in 1 4; do
+    o=()
+    for _ in $(seq "$RUNS"); do o+=("$(D h1 exec o1 iperf3 -c "$O2" -p 5201 -t "$SECS" -P "$streams" -J | iperf_gbps)"); done
+    record "throughput docker swarm overlay (VXLAN, unencrypted) ${streams} stream(s)" Gbit/s --baseline "throughput underlay ${streams} stream(s)" "${o[@]}"
+  done
+  weft_t=() overlay_t=()
+  for _ in $(seq "$STARTS"); do
+    t0=$(date +%s%N); D h1 run --rm --network app "$LAB_IMAGE" ping -c 1 -W 2 "$C2" >/dev/null; t1=$(date +%s%N)
+    weft_t+=("$(( (t1 - t0) / 1000000 ))")
+    t0=$(date +%s%N); D h1 run --rm --network ovl "$LAB_IMAGE" ping -c 1 -W 2 "$O2" >/dev/null; t1=$(date +%s%N)
+    overlay_t+=("$(( (t1 - t0) / 1000000 ))")
+  done
+  percentiles "docker run to reaching a container on another host, weft (rounds beside swarm overlay)" ms "${weft_t[@]}"
+  percentiles "docker run to reaching a container on another host, docker swarm overlay" ms "${overlay_t[@]}"
+  # Encrypted overlay (--opt encrypted) needs IPsec ESP in the kernel, which this one lacks.
+  if D h1 network create -d overlay --attachable --opt encrypted ovlenc >/dev/null 2>&1 &&
+     D h2 run -d --name e2 --network ovlenc "$LAB_IMAGE" sleep 36000 >/dev/null 2>&1 &&
+     D h1 run -d --name e1 --network ovlenc "$LAB_IMAGE" sleep 36000 >/dev/null 2>&1 &&
+     D h1 exec e1 ping -c 3 -W 2 "$(ip_of h2 e2 ovlenc)" >/dev/null 2>&1; then
+    record "docker swarm overlay --opt encrypted: containers reach each other (1 yes, 0 no)" "" 1
+  else
+    record "docker swarm overlay --opt encrypted: containers reach each other (1 yes, 0 no)" "" 0
+  fi
+else
+  log "5b. skipped: swarm mode did not come up on the lab dockerds"
+fi
+
+log "6. the mesh at ${MESH##*,} hosts, simulated (scripts/bench-mesh.sh), the lab above taken down first"
+cp "$REC" "$LAB_ROOT.records"
+REC=$LAB_ROOT.records
+lab_down >/dev/null 2>&1 || true
+scripts/bench-mesh.sh --sizes "$MESH" --joins "$JOINS" --records "$REC"
 
 log "writing $out"
 mkdir -p "$(dirname "$out")"

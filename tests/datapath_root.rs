@@ -335,3 +335,42 @@ async fn concurrent_dumps_on_the_shared_socket_do_not_fail() {
     }
     sh("ip link del dumpbr0");
 }
+
+/// Routes to other hosts' blocks: a full sync makes them exact; a change adds and
+/// deletes only the routes named, and deleting one already gone is no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root in a private netns: scripts/test.sh runs it with --ignored"]
+async fn tunnel_routes_are_synced_whole_or_changed_one_by_one() {
+    assert_private_netns();
+    let dp = NetlinkDatapath::connect("/proc/sys/net").unwrap();
+    sh("ip link add wtun0 type veth peer name wtun1 && ip link set wtun0 up && ip link set wtun1 up");
+    let net = |s: &str| s.parse::<ipnetwork::Ipv4Network>().unwrap();
+    let routes = || {
+        let mut r: Vec<String> = sh("ip -4 route show dev wtun0")
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        r.sort();
+        r
+    };
+    dp.sync_tunnel_routes("wtun0", &[net("10.79.0.0/26"), net("10.79.0.64/26")])
+        .await
+        .unwrap();
+    assert_eq!(routes(), ["10.79.0.0/26", "10.79.0.64/26"]);
+    dp.change_tunnel_routes("wtun0", &[net("10.79.1.0/26")], &[net("10.79.0.0/26")])
+        .await
+        .unwrap();
+    assert_eq!(routes(), ["10.79.0.64/26", "10.79.1.0/26"]);
+    dp.change_tunnel_routes("wtun0", &[], &[net("10.79.0.0/26")])
+        .await
+        .expect("a route already gone is no error");
+    // A route of anyone else's to the same destination is not taken for weft's.
+    sh("ip route add 10.79.2.0/26 dev wtun0 proto static");
+    dp.change_tunnel_routes("wtun0", &[], &[net("10.79.2.0/26")])
+        .await
+        .unwrap();
+    assert!(routes().contains(&"10.79.2.0/26".to_string()));
+    dp.sync_tunnel_routes("wtun0", &[]).await.unwrap();
+    assert_eq!(routes(), ["10.79.2.0/26"], "only weft's own routes go");
+    sh("ip link del wtun0");
+}

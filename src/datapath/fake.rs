@@ -132,6 +132,24 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
 
+    async fn change_tunnel_routes(
+        &self,
+        _tunnel_if: &str,
+        add: &[Ipv4Network],
+        remove: &[Ipv4Network],
+    ) -> Result<(), DatapathError> {
+        self.with(|s| {
+            s.tunnel_routes.retain(|r| !remove.contains(r));
+            for r in add {
+                if !s.tunnel_routes.contains(r) {
+                    s.tunnel_routes.push(*r);
+                }
+            }
+            s.tunnel_routes.sort();
+        });
+        Ok(())
+    }
+
     async fn default_address(&self) -> Result<Option<std::net::Ipv4Addr>, DatapathError> {
         Ok(Some(std::net::Ipv4Addr::new(192, 0, 2, 10)))
     }

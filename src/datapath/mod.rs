@@ -123,6 +123,14 @@ pub trait Datapath: Send + Sync + 'static {
         tunnel_if: &str,
         blocks: &[Ipv4Network],
     ) -> Result<(), DatapathError>;
+    /// Adds routes to `add` and deletes those to `remove` through the tunnel interface,
+    /// without a dump: for a caller that knows the difference.
+    async fn change_tunnel_routes(
+        &self,
+        tunnel_if: &str,
+        add: &[Ipv4Network],
+        remove: &[Ipv4Network],
+    ) -> Result<(), DatapathError>;
     /// The first IPv4 address of the default route's link (the underlay address).
     async fn default_address(&self) -> Result<Option<Ipv4Addr>, DatapathError>;
 }

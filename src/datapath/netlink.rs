@@ -220,6 +220,34 @@ impl NetlinkDatapath {
         )
     }
 
+    async fn tunnel_link(&self, tunnel_if: &str) -> Result<Link, DatapathError> {
+        self.link(tunnel_if)
+            .await?
+            .ok_or_else(|| DatapathError::NotFound {
+                what: format!("tunnel link {tunnel_if}"),
+            })
+    }
+
+    fn tunnel_route(block: Ipv4Network, tunnel_index: u32) -> RouteMessage {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(block.network(), block.prefix())
+            .protocol(RouteProtocol::Other(TUNNEL_ROUTE_PROTOCOL))
+            .output_interface(tunnel_index)
+            .scope(RouteScope::Link)
+            .build()
+    }
+
+    async fn add_tunnel_route(
+        &self,
+        block: Ipv4Network,
+        tunnel_index: u32,
+        tunnel_if: &str,
+    ) -> Result<(), DatapathError> {
+        let msg = Self::tunnel_route(block, tunnel_index);
+        let r = self.handle.route().add(msg).replace().execute().await;
+        r.map_err(|e| classify(format!("route {block} via {tunnel_if}"), e))
+    }
+
     fn weft_route(dst: Ipv4Network) -> RouteMessageBuilder<Ipv4Addr> {
         RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst.network(), dst.prefix())
@@ -651,12 +679,7 @@ impl Datapath for NetlinkDatapath {
         tunnel_if: &str,
         blocks: &[Ipv4Network],
     ) -> Result<(), DatapathError> {
-        let dev = self
-            .link(tunnel_if)
-            .await?
-            .ok_or_else(|| DatapathError::NotFound {
-                what: format!("tunnel link {tunnel_if}"),
-            })?;
+        let dev = self.tunnel_link(tunnel_if).await?;
         let wanted: BTreeSet<Ipv4Network> = blocks.iter().copied().collect();
         let routes = self.routes().await?;
         let ours: Vec<&Route> = routes
@@ -678,14 +701,33 @@ impl Datapath for NetlinkDatapath {
             {
                 continue;
             }
-            let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(block.network(), block.prefix())
-                .protocol(RouteProtocol::Other(TUNNEL_ROUTE_PROTOCOL))
-                .output_interface(dev.index)
-                .scope(RouteScope::Link)
-                .build();
-            let r = self.handle.route().add(msg).replace().execute().await;
-            if let Err(e) = r.map_err(|e| classify(format!("route {block} via {tunnel_if}"), e)) {
+            if let Err(e) = self.add_tunnel_route(*block, dev.index, tunnel_if).await {
+                errors.push(e);
+            }
+        }
+        DatapathError::collect(errors)
+    }
+
+    async fn change_tunnel_routes(
+        &self,
+        tunnel_if: &str,
+        add: &[Ipv4Network],
+        remove: &[Ipv4Network],
+    ) -> Result<(), DatapathError> {
+        if add.is_empty() && remove.is_empty() {
+            return Ok(());
+        }
+        let dev = self.tunnel_link(tunnel_if).await?;
+        let mut errors = Vec::new();
+        for block in remove {
+            let msg = Self::tunnel_route(*block, dev.index);
+            let r = self.handle.route().del(msg).execute().await;
+            if let Err(e) = gone_ok(r.map_err(|e| classify(format!("delete route {block}"), e))) {
+                errors.push(e);
+            }
+        }
+        for block in add {
+            if let Err(e) = self.add_tunnel_route(*block, dev.index, tunnel_if).await {
                 errors.push(e);
             }
         }

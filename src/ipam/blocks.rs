@@ -259,6 +259,14 @@ impl Blocks {
             .collect())
     }
 
+    /// Whether this host has been registered for the whole grace period: only then
+    /// may it take another host for gone.
+    pub fn may_reclaim(&self) -> bool {
+        self.tenure
+            .registered_for()
+            .is_some_and(|d| d >= self.grace)
+    }
+
     /// How often this host must rewrite its reservations (a third of their lifetime).
     pub fn reservation_refresh(&self) -> std::time::Duration {
         self.grace / 3
@@ -713,7 +721,7 @@ impl Blocks {
     /// references, aux reservations and network memberships. Does nothing until this
     /// host has been registered for the whole grace period. Returns the blocks reclaimed.
     pub async fn reclaim(&self, live: &[HostRecord]) -> Result<usize, StoreError> {
-        if self.tenure.registered_for().is_none_or(|d| d < self.grace) {
+        if !self.may_reclaim() {
             return Ok(0);
         }
         let seen: BTreeSet<String> = self

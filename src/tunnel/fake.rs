@@ -13,6 +13,9 @@ pub struct FakeTunnel {
     /// reads fail until `ensure_device` runs.
     pub gone: std::sync::atomic::AtomicBool,
     pub ensured: std::sync::atomic::AtomicUsize,
+    /// How often the device was read, and changed without a read.
+    pub reads: std::sync::atomic::AtomicUsize,
+    pub changes: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait]
@@ -65,7 +68,30 @@ impl Tunnel for FakeTunnel {
         Ok(stats)
     }
 
+    async fn change_peers(&self, upserts: &[Peer], removals: &[String]) -> Result<(), TunnelError> {
+        if self.gone.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(TunnelError::Setup("no such device".into()));
+        }
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut current = self.peers.lock().unwrap();
+        current.retain(|c| {
+            !removals.contains(&c.public_key)
+                && !upserts.iter().any(|u| u.public_key == c.public_key)
+        });
+        current.extend(upserts.iter().map(|p| PeerStatus {
+            public_key: p.public_key.clone(),
+            endpoint: Some(p.endpoint),
+            allowed_ips: p.allowed_ips.clone(),
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }));
+        Ok(())
+    }
+
     async fn peers(&self) -> Result<Vec<PeerStatus>, TunnelError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.gone.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(TunnelError::Setup("no such device".into()));
         }

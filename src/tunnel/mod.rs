@@ -8,6 +8,7 @@ pub mod fake;
 pub mod keys;
 pub mod wireguard;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
@@ -97,6 +98,9 @@ pub trait Tunnel: Send + Sync + 'static {
     async fn ensure_device(&self) -> Result<(), TunnelError>;
     /// Makes the peer set equal to `peers`, touching only what differs.
     async fn apply_peers(&self, peers: &[Peer]) -> Result<PeerDiff, TunnelError>;
+    /// Sets `upserts` (added, or replaced whole) and removes the peers keyed
+    /// `removals`, without reading the device: for a caller that knows the difference.
+    async fn change_peers(&self, upserts: &[Peer], removals: &[String]) -> Result<(), TunnelError>;
     async fn peers(&self) -> Result<Vec<PeerStatus>, TunnelError>;
     /// Which WireGuard carries the tunnel, once the device is set up.
     fn implementation(&self) -> Option<Implementation> {
@@ -123,10 +127,13 @@ pub fn diff<'a>(
     desired: &'a [Peer],
     actual: &[PeerStatus],
 ) -> (Vec<&'a Peer>, Vec<String>, PeerDiff) {
+    let actual_by_key: BTreeMap<&str, &PeerStatus> =
+        actual.iter().map(|a| (a.public_key.as_str(), a)).collect();
+    let wanted: BTreeSet<&str> = desired.iter().map(|d| d.public_key.as_str()).collect();
     let mut changes = Vec::new();
     let mut stats = PeerDiff::default();
     for peer in desired {
-        match actual.iter().find(|a| a.public_key == peer.public_key) {
+        match actual_by_key.get(peer.public_key.as_str()) {
             None => {
                 stats.added += 1;
                 changes.push(peer);
@@ -145,7 +152,7 @@ pub fn diff<'a>(
     }
     let removals: Vec<String> = actual
         .iter()
-        .filter(|a| !desired.iter().any(|d| d.public_key == a.public_key))
+        .filter(|a| !wanted.contains(a.public_key.as_str()))
         .map(|a| a.public_key.clone())
         .collect();
     stats.removed = removals.len();

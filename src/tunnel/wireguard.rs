@@ -304,6 +304,41 @@ fn status(info: &wireguard_control::PeerInfo) -> PeerStatus {
     }
 }
 
+impl WireGuard {
+    /// One device update: `upserts` set whole (their allowed IPs replaced), `removals` gone.
+    async fn update<'a>(
+        &self,
+        upserts: impl Iterator<Item = &'a Peer>,
+        removals: &[String],
+    ) -> Result<(), TunnelError> {
+        let mut update = DeviceUpdate::new();
+        for peer in upserts {
+            let key = Key::from_base64(&peer.public_key).map_err(|_| {
+                TunnelError::Setup(format!("peer key {:?} is not valid", peer.public_key))
+            })?;
+            let mut builder = PeerConfigBuilder::new(&key)
+                .set_endpoint(peer.endpoint)
+                .replace_allowed_ips();
+            for net in &peer.allowed_ips {
+                builder = builder.add_allowed_ip(IpAddr::V4(net.network()), net.prefix());
+            }
+            if let Some(k) = peer.keepalive {
+                builder = builder.set_persistent_keepalive_interval(k);
+            }
+            update = update.add_peer(builder);
+        }
+        for key in removals {
+            match Key::from_base64(key) {
+                Ok(k) => update = update.remove_peer_by_key(&k),
+                Err(_) => warn!(%key, "device holds a peer with an unreadable key"),
+            }
+        }
+        let iface = self.iface;
+        let backend = self.backend()?;
+        blocking(move || update.apply(&iface, backend).map_err(io("apply peers"))).await
+    }
+}
+
 #[async_trait]
 impl Tunnel for WireGuard {
     fn interface(&self) -> &str {
@@ -377,35 +412,17 @@ impl Tunnel for WireGuard {
     async fn apply_peers(&self, desired: &[Peer]) -> Result<PeerDiff, TunnelError> {
         let actual = self.peers().await?;
         let (changes, removals, stats) = diff(desired, &actual);
-        if stats.is_empty() {
-            return Ok(stats);
+        if !stats.is_empty() {
+            self.update(changes.into_iter(), &removals).await?;
         }
-        let mut update = DeviceUpdate::new();
-        for peer in changes {
-            let key = Key::from_base64(&peer.public_key).map_err(|_| {
-                TunnelError::Setup(format!("peer key {:?} is not valid", peer.public_key))
-            })?;
-            let mut builder = PeerConfigBuilder::new(&key)
-                .set_endpoint(peer.endpoint)
-                .replace_allowed_ips();
-            for net in &peer.allowed_ips {
-                builder = builder.add_allowed_ip(IpAddr::V4(net.network()), net.prefix());
-            }
-            if let Some(k) = peer.keepalive {
-                builder = builder.set_persistent_keepalive_interval(k);
-            }
-            update = update.add_peer(builder);
-        }
-        for key in &removals {
-            match Key::from_base64(key) {
-                Ok(k) => update = update.remove_peer_by_key(&k),
-                Err(_) => warn!(%key, "device holds a peer with an unreadable key"),
-            }
-        }
-        let iface = self.iface;
-        let backend = self.backend()?;
-        blocking(move || update.apply(&iface, backend).map_err(io("apply peers"))).await?;
         Ok(stats)
+    }
+
+    async fn change_peers(&self, upserts: &[Peer], removals: &[String]) -> Result<(), TunnelError> {
+        if upserts.is_empty() && removals.is_empty() {
+            return Ok(());
+        }
+        self.update(upserts.iter(), removals).await
     }
 
     async fn peers(&self) -> Result<Vec<PeerStatus>, TunnelError> {
