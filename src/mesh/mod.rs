@@ -95,6 +95,8 @@ pub struct Mesh {
     resync: Notify,
     /// The next full pass looks for gone hosts' blocks to reclaim.
     reclaim_due: AtomicBool,
+    /// Full passes in a row whose store read differed from the view.
+    view_mismatches: std::sync::atomic::AtomicU32,
 }
 
 /// One full pass in this many reads the cluster from the store rather than from the
@@ -151,6 +153,7 @@ impl Mesh {
             full_passes: std::sync::atomic::AtomicU64::new(0),
             resync: Notify::new(),
             reclaim_due: AtomicBool::new(true),
+            view_mismatches: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -223,8 +226,18 @@ impl Mesh {
                 }
             }
             let stale_at = entry.grew + window;
+            if now >= stale_at && peers.is_none() && self.liveness.is_some() {
+                // Without the device's counters this pass cannot tell: it keeps the
+                // host and asks for a full pass at once.
+                next_stale = Some(now);
+                hosts.push(entry.record.clone());
+                return true;
+            }
             if now >= stale_at {
                 info!(host = %id, "host gone: lease expired and no traffic from it within the liveness window");
+                // Its blocks may be reclaimable now (its membership may have expired
+                // while it was still heard).
+                self.reclaim_due.store(true, Ordering::SeqCst);
                 return false;
             }
             debug!(host = %id, "lease expired but still heard over WireGuard; keeping its peer");
@@ -291,15 +304,28 @@ impl Mesh {
         Some(view.snapshot())
     }
 
-    /// A view that differs from what the store holds (a watch that stalls without
-    /// an error, or a change in flight) is dropped and loaded again.
+    /// A view that differs from what the store holds in two full passes in a row (a
+    /// watch that stalls without an error; a change in flight differs only once) is
+    /// dropped and loaded again.
     fn check_view(&self, stored: &Snapshot) {
         let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        if view.as_ref().is_some_and(|v| v.snapshot() != *stored) {
-            warn!("the watched view of the cluster differs from the store; loading it again");
-            *view = None;
-            self.resync.notify_one();
+        let Some(current) = view.as_ref() else {
+            return;
+        };
+        if current.snapshot() == *stored {
+            self.view_mismatches.store(0, Ordering::SeqCst);
+            return;
         }
+        if self.view_mismatches.fetch_add(1, Ordering::SeqCst) == 0 {
+            debug!(
+                "the watched view of the cluster differs from the store; checking again next pass"
+            );
+            return;
+        }
+        warn!("the watched view of the cluster differs from the store; loading it again");
+        self.view_mismatches.store(0, Ordering::SeqCst);
+        *view = None;
+        self.resync.notify_one();
     }
 
     /// The view's snapshot, whatever changed (for a full pass).
@@ -330,7 +356,8 @@ impl Mesh {
         let from_store = self
             .full_passes
             .fetch_add(1, Ordering::SeqCst)
-            .is_multiple_of(STORE_EVERY);
+            .is_multiple_of(STORE_EVERY)
+            || self.view_mismatches.load(Ordering::SeqCst) > 0;
         let view = if from_store { None } else { self.view_any() };
         let watched = view.is_some();
         let mut snap = match view {
@@ -489,13 +516,20 @@ impl Mesh {
                 .reservation_refresh()
                 .max(Duration::from_secs(1)),
         );
+        // The full passes keep their period however many events come between them.
+        let mut next_full = tokio::time::Instant::now();
         loop {
-            let mut wait = every;
-            let full = self.full_wanted.swap(false, Ordering::SeqCst);
+            let now = tokio::time::Instant::now();
+            let full = self.full_wanted.swap(false, Ordering::SeqCst) || now >= next_full;
+            if full {
+                next_full = now + every;
+            }
+            let mut deadline = next_full;
             match self.pass(full).await {
                 Ok((_, Some(stale_at))) => {
                     let until = stale_at.saturating_duration_since(Instant::now());
-                    wait = wait.min(until + Duration::from_millis(10));
+                    deadline = deadline
+                        .min(tokio::time::Instant::now() + until + Duration::from_millis(10));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -510,7 +544,7 @@ impl Mesh {
                     self.reclaim_due.store(true, Ordering::SeqCst);
                     self.full_wanted.store(true, Ordering::SeqCst);
                 }
-                _ = tokio::time::sleep(wait) => self.full_wanted.store(true, Ordering::SeqCst),
+                _ = tokio::time::sleep_until(deadline) => self.full_wanted.store(true, Ordering::SeqCst),
             }
             // Coalesce a burst of changes into one pass.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -558,6 +592,8 @@ impl Mesh {
             .await?;
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
         debug!(revision, "watching the cluster store");
+        // A membership may have expired while the watch was down.
+        self.reclaim_due.store(true, Ordering::SeqCst);
         // A full pass programs what the view starts from.
         self.poke();
         loop {
@@ -690,6 +726,15 @@ mod tests {
             .unwrap()
             .unwrap();
         (store, tunnel, mesh, dp, pool, block)
+    }
+
+    /// The view as the watch would load it from `store`.
+    async fn load_view(mesh: &Mesh, store: &EmbeddedStore) {
+        let mut loaded = Vec::new();
+        for prefix in view::PREFIXES {
+            loaded.extend(store.list(prefix).await.unwrap());
+        }
+        mesh.view_with(|v| loaded.iter().for_each(|(k, val)| v.put(k, &val.value)));
     }
 
     /// Hosts a (this one) and b, live.
@@ -849,11 +894,7 @@ mod tests {
         let (store, tunnel, mesh, dp, pool, b_block) =
             cluster_with_block("10.42.0.64/26", "b").await;
         // The watch loaded what the store holds; the first pass is full.
-        let mut loaded = Vec::new();
-        for prefix in view::PREFIXES {
-            loaded.extend(store.list(prefix).await.unwrap());
-        }
-        mesh.view_with(|v| loaded.iter().for_each(|(k, val)| v.put(k, &val.value)));
+        load_view(&mesh, &store).await;
         assert_eq!(mesh.pass(false).await.unwrap().0.added, 1);
         let reads = tunnel.reads.load(SeqCst);
         // Host c joins with a block, as the watch tells it (the store is not read:
@@ -928,7 +969,15 @@ mod tests {
         let c = host("c", "192.0.2.13");
         mesh.view_with(|v| v.put(&keys::host("c"), &serde_json::to_vec(&c).unwrap()));
         mesh.reconcile().await.unwrap();
-        assert!(mesh.view.lock().unwrap().is_none(), "the view is dropped");
+        assert!(
+            mesh.view.lock().unwrap().is_some(),
+            "once may be a change in flight"
+        );
+        mesh.reconcile().await.unwrap();
+        assert!(
+            mesh.view.lock().unwrap().is_none(),
+            "twice: the view is dropped"
+        );
         let keys: Vec<String> = tunnel
             .peers
             .lock()
@@ -950,6 +999,50 @@ mod tests {
             mesh.reconcile().await.unwrap();
         }
         assert!(mesh.view.lock().unwrap().is_some());
+    }
+
+    /// Watch events more frequent than the full-pass period never put the full
+    /// passes (device read, ownership checks, reservations) off.
+    #[tokio::test(start_paused = true)]
+    async fn full_passes_keep_their_period_while_events_keep_coming() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (store, tunnel, mesh, _, _, _) = cluster_with_block("10.42.0.64/26", "b").await;
+        load_view(&mesh, &store).await;
+        let mesh = Arc::new(mesh);
+        let runner = tokio::spawn(mesh.clone().run(Duration::from_secs(2)));
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            mesh.nudge();
+        }
+        runner.abort();
+        let full = tunnel.reads.load(SeqCst);
+        assert!(
+            (4..=7).contains(&full),
+            "a full pass every 2 s over 10 s of events, not {full}"
+        );
+    }
+
+    /// A pass without the device's counters never drops a host kept for its
+    /// traffic: it keeps it and asks for a full pass, which reads them and decides.
+    #[tokio::test]
+    async fn only_a_full_pass_lets_a_silent_host_go() {
+        let (store, tunnel, mesh, _, _, _) = cluster_with_block("10.42.0.64/26", "b").await;
+        let mesh = mesh.with_liveness(Some(Duration::from_millis(200)));
+        load_view(&mesh, &store).await;
+        mesh.pass(false).await.unwrap();
+        // b's lease expires; a pass from the view keeps it within the window.
+        mesh.view_with(|v| v.delete(&keys::host("b")));
+        assert_eq!(mesh.pass(false).await.unwrap().0.removed, 0);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Past the window, a pass from the view still keeps it, and asks for a full
+        // pass now.
+        let (diff, next) = mesh.pass(false).await.unwrap();
+        assert_eq!(diff.removed, 0, "no counters read: not this pass's call");
+        assert!(next.is_some_and(|t| t <= Instant::now()));
+        assert_eq!(tunnel.peers.lock().unwrap().len(), 1);
+        // The full pass reads the counters: b was silent, it goes.
+        store.delete(&keys::host("b"), None).await.unwrap();
+        assert_eq!(mesh.reconcile().await.unwrap().removed, 1);
     }
 
     #[tokio::test]

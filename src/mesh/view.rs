@@ -55,6 +55,11 @@ impl ClusterView {
 
     /// A record was written (`key` without the store's prefix).
     pub fn put(&mut self, key: &str, value: &[u8]) {
+        // Other records (memberships, overlays, kinds of a newer version) do not
+        // shape the mesh, and a full pass never reads them.
+        if !PREFIXES.iter().any(|p| key.starts_with(p)) {
+            return;
+        }
         self.remove(key);
         let bad = match Key::parse(key) {
             Ok(Key::Host(id)) => match serde_json::from_slice::<HostRecord>(value) {
@@ -89,8 +94,6 @@ impl ClusterView {
                     _ => "does not decode or lies outside its block",
                 }
             }
-            // Other records (membership, overlays) do not shape the mesh.
-            Ok(_) if !PREFIXES.iter().any(|p| key.starts_with(p)) => return,
             _ => "does not decode",
         };
         self.bad.insert(key.to_string(), bad);
@@ -214,6 +217,7 @@ mod tests {
         view.put("blocks/10.42.0.0_16/10.42.1.0_24", br#"{"host":"b"}"#);
         view.put("blocks/garbage", br#"{"host":"b"}"#);
         view.put("seen/b", br#"{"last_seen":1}"#);
+        view.put("overlays/garbage", b"{");
         let snap = view.snapshot();
         assert_eq!(snap.hosts.len(), 1);
         assert_eq!(
