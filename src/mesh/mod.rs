@@ -235,9 +235,11 @@ impl Mesh {
             }
             if now >= stale_at {
                 info!(host = %id, "host gone: lease expired and no traffic from it within the liveness window");
-                // Its blocks may be reclaimable now (its membership may have expired
-                // while it was still heard).
-                self.reclaim_due.store(true, Ordering::SeqCst);
+                if self.liveness.is_some() {
+                    // Its membership may have expired while it was still heard: its
+                    // blocks may be reclaimable now.
+                    self.reclaim_due.store(true, Ordering::SeqCst);
+                }
                 return false;
             }
             debug!(host = %id, "lease expired but still heard over WireGuard; keeping its peer");
@@ -527,6 +529,10 @@ impl Mesh {
             let mut deadline = next_full;
             match self.pass(full).await {
                 Ok((_, Some(stale_at))) => {
+                    if stale_at <= Instant::now() {
+                        // A pass from the view left the call to a full pass.
+                        self.full_wanted.store(true, Ordering::SeqCst);
+                    }
                     let until = stale_at.saturating_duration_since(Instant::now());
                     deadline = deadline
                         .min(tokio::time::Instant::now() + until + Duration::from_millis(10));
@@ -591,6 +597,7 @@ impl Mesh {
             )
             .await?;
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
+        self.view_mismatches.store(0, Ordering::SeqCst);
         debug!(revision, "watching the cluster store");
         // A membership may have expired while the watch was down.
         self.reclaim_due.store(true, Ordering::SeqCst);
@@ -1043,6 +1050,29 @@ mod tests {
         // The full pass reads the counters: b was silent, it goes.
         store.delete(&keys::host("b"), None).await.unwrap();
         assert_eq!(mesh.reconcile().await.unwrap().removed, 1);
+    }
+
+    /// ... and the run loop gives it that full pass at once, even while watch
+    /// events keep coming (not only at the next full-pass period).
+    #[tokio::test]
+    async fn a_silent_host_goes_soon_while_events_keep_coming() {
+        let (store, tunnel, mesh, _, _, _) = cluster_with_block("10.42.0.64/26", "b").await;
+        let mesh = Arc::new(mesh.with_liveness(Some(Duration::from_millis(200))));
+        load_view(&mesh, &store).await;
+        let runner = tokio::spawn(mesh.clone().run(Duration::from_secs(60)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(tunnel.peers.lock().unwrap().len(), 1);
+        store.delete(&keys::host("b"), None).await.unwrap();
+        mesh.view_with(|v| v.delete(&keys::host("b")));
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            mesh.nudge();
+        }
+        runner.abort();
+        assert!(
+            tunnel.peers.lock().unwrap().is_empty(),
+            "b, silent past its window, is gone long before the next full-pass period"
+        );
     }
 
     #[tokio::test]
