@@ -697,16 +697,12 @@ async fn seed_gone_host(cluster: &Arc<EmbeddedStore>) -> Ipv4Network {
             .unwrap();
     }
     let rec = PoolRecord {
-        pool,
-        sub_pool: None,
-        block_prefix: 26,
-        automatic: false,
-        gateway: None,
         refs: BTreeMap::from([("h1".into(), 1), ("gone".into(), 2)]),
         aux: BTreeMap::from([(
             "10.42.0.9".parse().unwrap(),
             BTreeSet::from(["gone".to_string()]),
         )]),
+        ..PoolRecord::with_blocks(pool, 26)
     };
     cluster.create_json(&keys::pool(pool), &rec).await.unwrap();
     cluster

@@ -681,15 +681,7 @@ mod tests {
     }
 
     async fn seed_pool_only(store: &EmbeddedStore, pool: Ipv4Network) {
-        let rec = PoolRecord {
-            pool,
-            sub_pool: None,
-            block_prefix: 26,
-            automatic: false,
-            gateway: None,
-            refs: BTreeMap::new(),
-            aux: BTreeMap::new(),
-        };
+        let rec = PoolRecord::with_blocks(pool, 26);
         store.create_json(&keys::pool(pool), &rec).await.unwrap();
     }
 

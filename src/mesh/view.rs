@@ -190,16 +190,7 @@ mod tests {
     use super::*;
 
     fn pool_json(pool: &str) -> Vec<u8> {
-        serde_json::to_vec(&PoolRecord {
-            pool: pool.parse().unwrap(),
-            sub_pool: None,
-            block_prefix: 26,
-            automatic: false,
-            gateway: None,
-            refs: BTreeMap::new(),
-            aux: BTreeMap::new(),
-        })
-        .unwrap()
+        serde_json::to_vec(&PoolRecord::with_blocks(pool.parse().unwrap(), 26)).unwrap()
     }
 
     fn host_json(id: &str) -> Vec<u8> {

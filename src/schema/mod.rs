@@ -31,6 +31,20 @@ pub struct PoolRecord {
 }
 
 impl PoolRecord {
+    /// A user's pool (`--subnet`) with blocks of `/block_prefix`, nothing else set.
+    #[cfg(test)]
+    pub fn with_blocks(pool: Ipv4Network, block_prefix: u8) -> Self {
+        Self {
+            pool,
+            sub_pool: None,
+            block_prefix,
+            automatic: false,
+            gateway: None,
+            refs: BTreeMap::new(),
+            aux: BTreeMap::new(),
+        }
+    }
+
     /// Where container addresses come from: the ip-range, else the whole pool.
     pub fn range(&self) -> Ipv4Network {
         self.sub_pool.unwrap_or(self.pool)
