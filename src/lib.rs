@@ -13,6 +13,7 @@ pub mod driver;
 pub mod ipam;
 pub mod locks;
 pub mod mesh;
+pub mod ports;
 pub mod protocol;
 pub mod schema;
 pub mod status;

@@ -71,6 +71,9 @@ pub struct EndpointStatus {
     pub address: String,
     pub link: String,
     pub joined: bool,
+    /// Host ports published to it: `0.0.0.0:8080->80/tcp`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<String>,
 }
 
 fn fingerprint(key: &str) -> String {
@@ -103,6 +106,11 @@ impl StatusSource {
                 address: e.address.to_string(),
                 link: e.host_if,
                 joined: e.joined,
+                published: e
+                    .published
+                    .iter()
+                    .map(|p| crate::driver::describe_ports(std::slice::from_ref(p)))
+                    .collect(),
             })
             .collect();
         let all_blocks: Vec<(String, String)> = match self.blocks.all().await {
@@ -264,6 +272,9 @@ pub fn render(s: &Status) -> String {
             e.link,
             if e.joined { "joined" } else { "created" }
         );
+        for p in &e.published {
+            let _ = writeln!(out, "    published {p} ({})", e.address);
+        }
     }
     for c in &s.conflicts {
         let _ = writeln!(

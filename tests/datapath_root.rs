@@ -9,6 +9,7 @@ use std::process::Command;
 
 use weft::datapath::netlink::NetlinkDatapath;
 use weft::datapath::{Datapath, DatapathError, DesiredState, EndpointSpec, NetworkSpec};
+use weft::ports::{Proto, Published};
 
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh")
@@ -67,6 +68,7 @@ fn desired() -> DesiredState {
             internal: false,
             host_access: false,
         }],
+        published: Default::default(),
     }
 }
 
@@ -275,6 +277,7 @@ async fn an_endpoints_route_goes_with_its_link_not_with_a_sync() {
             internal: true,
             host_access: false,
         }],
+        published: Default::default(),
     };
     dp.setup_endpoint(&c).await.unwrap();
     dp.sync(&state).await.unwrap();
@@ -373,4 +376,141 @@ async fn tunnel_routes_are_synced_whole_or_changed_one_by_one() {
     dp.sync_tunnel_routes("wtun0", &[]).await.unwrap();
     assert_eq!(routes(), ["10.79.2.0/26"], "only weft's own routes go");
     sh("ip link del wtun0");
+}
+
+/// A TCP server in `ns` on port 80 that answers each connection with the peer's
+/// address; stopped (by its PID) when dropped.
+struct Echo(std::process::Child);
+
+impl Echo {
+    fn start(ns: &str) -> Self {
+        let script = "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                      s.bind(('0.0.0.0', 80)); s.listen(16)\nwhile True:\n    c, a = s.accept(); c.sendall(a[0].encode()); c.close()";
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", script])
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if ok(&format!("ip netns exec {ns} ss -ltn | grep -q ':80 '")) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Echo(child)
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What a client in `ns` (None: the host) is told by the server at `to`.
+fn ask(ns: Option<&str>, to: &str) -> String {
+    let py = format!(
+        "import socket; s=socket.create_connection(('{to}', 8080), timeout=2); print(s.recv(64).decode())"
+    );
+    let exec = ns
+        .map(|n| format!("ip netns exec {n} "))
+        .unwrap_or_default();
+    let out = Command::new("sh")
+        .args(["-c", &format!("{exec}python3 -c \"{py}\" 2>/dev/null")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root in a private netns: scripts/test.sh runs it with --ignored"]
+async fn a_published_port_is_reached_from_outside_the_host_localhost_and_by_hairpin() {
+    assert_private_netns();
+    // The underlay: this namespace is the host at 192.0.2.2; "outside" is a namespace
+    // at 192.0.2.9 behind a veth.
+    let mut sandboxes = Sandboxes(Vec::new());
+    let outside = sandboxes.name("out");
+    sh(&format!(
+        "ip link set lo up && ip netns add {outside} && ip link add up0 type veth peer name o0 netns {outside} && \
+         ip addr add 192.0.2.2/24 dev up0 && ip link set up0 up && ip -n {outside} addr add 192.0.2.9/24 dev o0 && \
+         ip -n {outside} link set o0 up && ip -n {outside} link set lo up"
+    ));
+    let dp = NetlinkDatapath::connect("/proc/sys/net").unwrap();
+    let (a, b) = (ep(2), ep(3));
+    let (sa, sb) = (sandboxes.name("a"), sandboxes.name("b"));
+    for (e, ns) in [(&a, &sa), (&b, &sb)] {
+        dp.setup_endpoint(e).await.unwrap();
+        plug_into_sandbox(e, ns);
+    }
+    assert_eq!(
+        sh(&format!(
+            "cat /proc/sys/net/ipv4/conf/{}/route_localnet",
+            a.host_if
+        ))
+        .trim(),
+        "1"
+    );
+    let _server = Echo::start(&sa);
+    let publish = |host_ip: Option<Ipv4Addr>| {
+        let mut state = desired();
+        state.published.insert((
+            a.address,
+            Published {
+                proto: Proto::Tcp,
+                host_ip,
+                host_port: 8080,
+                container_port: 80,
+            },
+        ));
+        state
+    };
+    dp.sync(&desired()).await.unwrap();
+    assert_eq!(ask(Some(&outside), "192.0.2.2"), "", "not published yet");
+    dp.sync(&publish(None)).await.unwrap();
+    // From another machine: the client's own address reaches the container.
+    assert_eq!(ask(Some(&outside), "192.0.2.2"), "192.0.2.9");
+    // From the host, to its address and to 127.0.0.1 (masqueraded: the container must
+    // not answer its own loopback).
+    assert_eq!(ask(None, "192.0.2.2"), "192.0.2.2");
+    assert!(ask(None, "127.0.0.1").starts_with("1"), "localhost");
+    assert!(
+        !ask(None, "127.0.0.1").starts_with("127."),
+        "localhost is masqueraded"
+    );
+    // Hairpin: another container, and the container itself, through the host's address.
+    assert_eq!(ask(Some(&sb), "192.0.2.2"), "10.77.0.3");
+    assert!(
+        ask(Some(&sa), "192.0.2.2").starts_with("1"),
+        "hairpin to itself"
+    );
+    // A container cannot use the host's loopback through its link.
+    assert_eq!(
+        ask(Some(&sb), "127.0.0.1"),
+        "",
+        "container to 127.0.0.1 reaches its own lo"
+    );
+    // 127.0.0.1 only: the host reaches it, the outside does not.
+    dp.sync(&publish(Some(Ipv4Addr::LOCALHOST))).await.unwrap();
+    assert!(ask(None, "127.0.0.1").starts_with("1"));
+    assert_eq!(ask(Some(&outside), "192.0.2.2"), "");
+    // The host-port check sees a process holding a port, on any or one address.
+    assert!(dp.host_port_free(Proto::Tcp, None, 18081).unwrap());
+    let held = std::net::TcpListener::bind("127.0.0.1:18081").unwrap();
+    assert!(!dp.host_port_free(Proto::Tcp, None, 18081).unwrap());
+    assert!(!dp
+        .host_port_free(Proto::Tcp, Some(Ipv4Addr::LOCALHOST), 18081)
+        .unwrap());
+    assert!(dp.host_port_free(Proto::Udp, None, 18081).unwrap());
+    drop(held);
+    assert!(dp
+        .host_port_free(Proto::Tcp, Some("203.0.113.1".parse().unwrap()), 18081)
+        .is_err());
+    // Withdrawn: nothing answers and no rule is left.
+    dp.sync(&desired()).await.unwrap();
+    assert_eq!(ask(None, "192.0.2.2"), "");
+    assert!(!sh("nft list table inet weft").contains("dnat ip to"));
+    for e in [&a, &b] {
+        dp.teardown_endpoint(e).await.unwrap();
+    }
+    dp.sync(&DesiredState::default()).await.unwrap();
 }

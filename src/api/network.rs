@@ -104,15 +104,27 @@ async fn leave(
     Ok(Json(Empty {}))
 }
 
-/// Port publishing (`-p`) is not implemented; accepting the call keeps containers starting.
+/// Publishes the container's `-p`/`-P` ports on this host.
 async fn program_external(
-    DockerJson(_req): DockerJson<ProgramExternalConnectivityRequest>,
-) -> Json<Empty> {
-    Json(Empty {})
+    State(s): State<AppState>,
+    DockerJson(req): DockerJson<ProgramExternalConnectivityRequest>,
+) -> Reply<Empty> {
+    record_ids(&req.network_id, &req.endpoint_id);
+    s.driver
+        .program_external(&req.network_id, &req.endpoint_id, &req.options)
+        .await?;
+    Ok(Json(Empty {}))
 }
 
-async fn revoke_external(DockerJson(_req): DockerJson<EndpointRequest>) -> Json<Empty> {
-    Json(Empty {})
+async fn revoke_external(
+    State(s): State<AppState>,
+    DockerJson(req): DockerJson<EndpointRequest>,
+) -> Reply<Empty> {
+    record_ids(&req.network_id, &req.endpoint_id);
+    s.driver
+        .revoke_external(&req.network_id, &req.endpoint_id)
+        .await?;
+    Ok(Json(Empty {}))
 }
 
 async fn discover(DockerJson(_req): DockerJson<DiscoveryRequest>) -> Json<Empty> {

@@ -429,6 +429,7 @@ async fn replay(fixture: &str) {
     let h = harness();
     let mut t = Translator::default();
     let mut joins = Vec::new();
+    let mut publishes = 0;
     for line in fixture.lines().filter(|l| !l.trim().is_empty()) {
         let rec: Value = serde_json::from_str(line).unwrap();
         let method = rec["method"].as_str().unwrap();
@@ -440,6 +441,7 @@ async fn replay(fixture: &str) {
             t.request(method, &mut v);
             format!("{v}\n")
         };
+        let published_before = h.fake.with(|s| s.synced.published.len());
         let (status, reply) = call(&h.app, method, &body).await;
         assert_eq!(status, StatusCode::OK, "{method} {body} -> {reply}");
         let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
@@ -451,9 +453,27 @@ async fn replay(fixture: &str) {
                 "CreateEndpoint must not echo the interface"
             ),
             "NetworkDriver.Join" => joins.push(reply),
+            "NetworkDriver.ProgramExternalConnectivity" => {
+                // The fixtures' `-p 18080:80` is published; a container without
+                // `-p` publishes nothing.
+                let asked = request["Options"]["com.docker.network.portmap"]
+                    .as_array()
+                    .map_or(0, Vec::len);
+                let (now, ours) = h.fake.with(|s| {
+                    let p = &s.synced.published;
+                    let ours = p
+                        .iter()
+                        .any(|(_, p)| p.host_port == 18080 && p.container_port == 80);
+                    (p.len(), ours)
+                });
+                assert_eq!(now, published_before + asked, "{body}");
+                assert!(asked == 0 || ours, "{body}");
+                publishes += asked;
+            }
             _ => {}
         }
     }
+    assert!(publishes > 0, "the fixture publishes a port");
     assert!(!joins.is_empty());
     for j in &joins {
         let src = j["InterfaceName"]["SrcName"].as_str().unwrap();

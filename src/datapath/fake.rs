@@ -26,6 +26,8 @@ pub struct FakeState {
     /// Host ends whose state was changed behind weft's back (down, lost route), until
     /// the next setup.
     pub damaged: BTreeSet<String>,
+    /// Host ports a process of the host holds.
+    pub taken_ports: BTreeSet<(crate::ports::Proto, u16)>,
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +154,15 @@ impl Datapath for FakeDatapath {
 
     async fn default_address(&self) -> Result<Option<std::net::Ipv4Addr>, DatapathError> {
         Ok(Some(std::net::Ipv4Addr::new(192, 0, 2, 10)))
+    }
+
+    fn host_port_free(
+        &self,
+        proto: crate::ports::Proto,
+        _ip: Option<std::net::Ipv4Addr>,
+        port: u16,
+    ) -> Result<bool, DatapathError> {
+        Ok(self.with(|s| !s.taken_ports.contains(&(proto, port))))
     }
 
     async fn resync(&self, desired: &DesiredState) -> Result<(), DatapathError> {

@@ -25,6 +25,7 @@ use tokio::process::Command;
 use tracing::debug;
 
 use super::{DatapathError, DesiredState, HOST_IF_PREFIX};
+use crate::ports;
 
 pub const TABLE: &str = "weft";
 pub const IPTABLES_CHAIN: &str = "WEFT-FORWARD";
@@ -68,7 +69,8 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
         s,
         "  chain prerouting {{\n    type filter hook prerouting priority -150; policy accept;\n    \
          iifname \"{HOST_IF_PREFIX}*\" meta nfproto ipv6 drop\n    \
-         iifname \"{HOST_IF_PREFIX}*\" fib saddr . iif oif missing drop\n  }}"
+         iifname \"{HOST_IF_PREFIX}*\" fib saddr . iif oif missing drop\n    \
+         iifname \"{HOST_IF_PREFIX}*\" ip daddr 127.0.0.0/8 drop\n  }}"
     );
     // weft's own links, and the tunnel from other hosts' containers.
     let weft_ifs = match tunnel_if {
@@ -81,17 +83,20 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
          ip daddr @subnets ct state != {{ established, related }} iifname != {weft_ifs} ct status ! dnat drop\n    \
          ip saddr @subnets oifname {{ \"docker0\", \"br-*\" }} ct status ! dnat drop"
     );
-    for n in &desired.networks {
+    // Internal networks keep everything in; published ports (DNAT) are reachable
+    // from every other network, as through the host's address.
+    for n in desired.networks.iter().filter(|n| n.internal) {
         let sub = n.subnet;
-        if n.internal {
-            let _ = writeln!(s, "    ip saddr {sub} ip daddr != {sub} drop");
-            let _ = writeln!(s, "    ip daddr {sub} ip saddr != {sub} drop");
-        } else {
-            let _ = writeln!(
-                s,
-                "    ip saddr {sub} ip daddr @subnets ip daddr != {sub} drop"
-            );
-        }
+        let _ = writeln!(s, "    ip saddr {sub} ip daddr != {sub} drop");
+        let _ = writeln!(s, "    ip daddr {sub} ip saddr != {sub} drop");
+    }
+    let _ = writeln!(s, "    ct status dnat accept");
+    for n in desired.networks.iter().filter(|n| !n.internal) {
+        let sub = n.subnet;
+        let _ = writeln!(
+            s,
+            "    ip saddr {sub} ip daddr @subnets ip daddr != {sub} drop"
+        );
     }
     let _ = writeln!(s, "  }}");
     // On the host, containers reach their own gateway only (for ICMP), unless their
@@ -145,7 +150,33 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
             n.subnet
         );
     }
-    let _ = writeln!(s, "  }}\n}}");
+    // The host reaching a published port over 127.0.0.1: the container must answer an
+    // address of the host, not its own loopback.
+    let _ = writeln!(
+        s,
+        "    oifname \"{HOST_IF_PREFIX}*\" ip saddr 127.0.0.0/8 masquerade"
+    );
+    // A container reaching its own published port through the host (hairpin): its
+    // answer must come back through the host, which un-NATs it.
+    for (container, p) in &desired.published {
+        let _ = writeln!(
+            s,
+            "    ip saddr {container} ip daddr {container} {} dport {} masquerade",
+            p.proto, p.container_port
+        );
+    }
+    let _ = writeln!(s, "  }}");
+    if !desired.published.is_empty() {
+        // Published ports: from outside (prerouting) and from the host itself (output).
+        let rules = ports::dnat_rules(&desired.published);
+        for (chain, hook) in [("publish_in", "prerouting"), ("publish_local", "output")] {
+            let _ = writeln!(
+                s,
+                "  chain {chain} {{\n    type nat hook {hook} priority -100; policy accept;\n{rules}  }}"
+            );
+        }
+    }
+    let _ = writeln!(s, "}}");
     s
 }
 
@@ -257,6 +288,17 @@ pub async fn apply_iptables(active: bool, tunnel_if: Option<&str>) -> Result<(),
         vec!["-i", &wildcard, "-j", "ACCEPT"],
         [&["-o", wildcard.as_str()][..], &established[..]].concat(),
     ];
+    // Published ports: new connections DNATed to a container.
+    rules.push(vec![
+        "-o",
+        &wildcard,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-j",
+        "ACCEPT",
+    ]);
     // From other hosts' containers (WireGuard already checked who sent it).
     if let Some(tun) = tunnel_if {
         rules.push(vec!["-i", tun, "-o", &wildcard, "-j", "ACCEPT"]);
@@ -323,7 +365,57 @@ mod tests {
                     host_access: false,
                 },
             ],
+            published: Default::default(),
         }
+    }
+
+    #[test]
+    fn published_ports_are_dnat_from_outside_and_the_host_with_hairpin_and_localhost() {
+        use crate::ports::{Proto, Published};
+        let mut desired = state();
+        let r = render(&desired, Some("weft0"));
+        assert!(!r.contains("dnat ip to"), "nothing published: no DNAT");
+        assert!(!r.contains("chain publish_in"));
+        // Containers may not use the host's loopback, which route_localnet opens.
+        assert!(r.contains("iifname \"wfh*\" ip daddr 127.0.0.0/8 drop"));
+        desired.published.insert((
+            "10.42.0.5".parse().unwrap(),
+            Published {
+                proto: Proto::Tcp,
+                host_ip: None,
+                host_port: 8080,
+                container_port: 80,
+            },
+        ));
+        let r = render(&desired, Some("weft0"));
+        let dnat = "fib daddr type local tcp dport 8080 dnat ip to 10.42.0.5:80";
+        for (chain, hook) in [("publish_in", "prerouting"), ("publish_local", "output")] {
+            let at = r.find(&format!("chain {chain}")).expect(chain);
+            let body = &r[at..at + r[at..].find("  }").unwrap()];
+            assert!(
+                body.contains(&format!("type nat hook {hook} priority -100")),
+                "{body}"
+            );
+            assert!(body.contains(dnat), "{body}");
+        }
+        let post = &r[r.find("chain postrouting").unwrap()..];
+        assert!(post.contains("oifname \"wfh*\" ip saddr 127.0.0.0/8 masquerade"));
+        assert!(post.contains("ip saddr 10.42.0.5 ip daddr 10.42.0.5 tcp dport 80 masquerade"));
+        // Published ports are reachable across networks; internal ones stay shut first.
+        let forward = &r[r.find("chain forward").unwrap()..r.find("chain input").unwrap()];
+        let accept = forward.find("ct status dnat accept").unwrap();
+        assert!(
+            forward
+                .find("ip daddr 10.43.0.0/16 ip saddr != 10.43.0.0/16 drop")
+                .unwrap()
+                < accept
+        );
+        assert!(
+            forward
+                .find("ip saddr 10.42.0.0/16 ip daddr @subnets")
+                .unwrap()
+                > accept
+        );
     }
 
     #[test]

@@ -9,10 +9,13 @@ pub mod firewall;
 pub mod netlink;
 pub mod sysctl;
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
+
+use crate::ports::{Proto, Published};
 
 /// Name prefix of the host end of every endpoint's veth pair.
 pub const HOST_IF_PREFIX: &str = "wfh";
@@ -44,10 +47,12 @@ pub struct NetworkSpec {
 /// The host-wide desired state of this host's datapath. Endpoints are not part of
 /// it: each has its own links and route ([`Datapath::setup_endpoint`]), and the
 /// firewall checks a container's source address against that route, so nothing
-/// host-wide changes when a container comes or goes.
+/// host-wide changes when a container comes or goes, unless it publishes ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub networks: Vec<NetworkSpec>,
+    /// Ports published on this host: (container address, port).
+    pub published: BTreeSet<(Ipv4Addr, Published)>,
 }
 
 /// Kernel errors, classified once here so callers can decide what "already there"
@@ -133,6 +138,15 @@ pub trait Datapath: Send + Sync + 'static {
     ) -> Result<(), DatapathError>;
     /// The first IPv4 address of the default route's link (the underlay address).
     async fn default_address(&self) -> Result<Option<Ipv4Addr>, DatapathError>;
+    /// Whether no process of the host holds `port` (on `ip`, or on any address): a
+    /// brief bind, so it is cheap enough to try a range port by port. An `ip` that is
+    /// not the host's is an error.
+    fn host_port_free(
+        &self,
+        proto: Proto,
+        ip: Option<Ipv4Addr>,
+        port: u16,
+    ) -> Result<bool, DatapathError>;
 }
 
 /// The host and container link names for an endpoint ID (at most 15 bytes each).

@@ -21,6 +21,7 @@ use super::{
     firewall, Datapath, DatapathError, DesiredState, EndpointSpec, CONTAINER_IF_PREFIX,
     GATEWAY_LINK, HOST_IF_PREFIX,
 };
+use crate::ports::Proto;
 
 /// Routing protocol number that marks routes weft installed (`ip route show proto 87`).
 pub const ROUTE_PROTOCOL: u8 = 87;
@@ -572,6 +573,12 @@ impl Datapath for NetlinkDatapath {
         self.sysctl
             .set(&format!("ipv4/neigh/{}/proxy_delay", ep.host_if), "0")
             .await?;
+        // Lets the host reach its published ports over 127.0.0.1 (DNATed and
+        // masqueraded out of this link); the firewall drops anything a container
+        // sends to 127.0.0.0/8 through it.
+        self.sysctl
+            .set(&format!("ipv4/conf/{}/route_localnet", ep.host_if), "1")
+            .await?;
         if let Err(e) = self
             .sysctl
             .set(&format!("ipv6/conf/{}/disable_ipv6", ep.host_if), "1")
@@ -762,5 +769,31 @@ impl Datapath for NetlinkDatapath {
                 _ => None,
             })
         }))
+    }
+
+    fn host_port_free(
+        &self,
+        proto: Proto,
+        ip: Option<Ipv4Addr>,
+        port: u16,
+    ) -> Result<bool, DatapathError> {
+        let at = std::net::SocketAddrV4::new(ip.unwrap_or(Ipv4Addr::UNSPECIFIED), port);
+        let bound = match proto {
+            Proto::Tcp => std::net::TcpListener::bind(at).map(drop),
+            Proto::Udp => std::net::UdpSocket::bind(at).map(drop),
+        };
+        match bound {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                Err(DatapathError::NotFound {
+                    what: format!("host address {}", at.ip()),
+                })
+            }
+            Err(e) => Err(DatapathError::Kernel {
+                what: format!("bind {at}/{proto}"),
+                message: e.to_string(),
+            }),
+        }
     }
 }

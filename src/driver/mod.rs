@@ -5,6 +5,7 @@
 //! [`Datapath`]; setup rolls back on failure and teardown never stops early.
 
 mod options;
+mod publish;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::store::{Store, StoreError, StoreExt};
 
 pub use crate::schema::{EndpointRecord, NetworkRecord, OverlayRecord};
 pub use options::NetworkOptions;
+pub use publish::describe as describe_ports;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -88,6 +90,8 @@ pub struct Driver {
     /// routes): only network changes and the reconciler sync; the container path
     /// (endpoints, join, leave) never does.
     syncing: Mutex<()>,
+    /// Serialises choosing host ports (they belong to the whole host).
+    publishing: Mutex<()>,
     /// Reconcile passes so far (every [`THOROUGH_EVERY`]th sets every endpoint up again).
     passes: std::sync::atomic::AtomicU64,
 }
@@ -149,6 +153,7 @@ impl Driver {
             locks: KeyedLocks::default(),
             creating: std::sync::Mutex::new(Vec::new()),
             syncing: Mutex::new(()),
+            publishing: Mutex::new(()),
             passes: Default::default(),
         }
     }
@@ -454,6 +459,7 @@ impl Driver {
             mtu: network.mtu,
             joined: false,
             since: unix_now(),
+            published: Vec::new(),
         };
         let mut superseded = Vec::new();
         for other in self.endpoints().await? {
@@ -562,6 +568,11 @@ impl Driver {
         }
         if let Err(e) = self.local.delete(&keys::endpoint(&ep.id), None).await {
             errors.push(e.into());
+        } else if !ep.published.is_empty() {
+            // Its ports go with its record.
+            if let Err(e) = self.sync().await {
+                errors.push(e);
+            }
         }
         first_error(errors)
     }
@@ -617,6 +628,9 @@ impl Driver {
     pub async fn leave(&self, network_id: &str, endpoint_id: &str) -> Result<(), DriverError> {
         let _net = self.locks.read(&lock_keys::network(network_id)).await;
         let _ep = self.locks.write(&lock_keys::endpoint(endpoint_id)).await;
+        // Docker revokes a gateway endpoint's ports before Leave; should that have
+        // been missed, they go now: a left endpoint publishes nothing.
+        self.unpublish(endpoint_id).await?;
         let key = keys::endpoint(endpoint_id);
         self.local
             .modify_json::<EndpointRecord, DriverError, _>(&key, |current| {
@@ -698,7 +712,16 @@ impl Driver {
 
     async fn desired(&self) -> Result<DesiredState, DriverError> {
         let networks = self.networks().await?;
+        // Only joined endpoints of this host's networks that have a way out publish.
+        let published = self
+            .endpoints()
+            .await?
+            .into_iter()
+            .filter(|e| e.joined && networks.iter().any(|n| n.id == e.network_id && !n.internal))
+            .flat_map(|e| e.published.into_iter().map(move |p| (e.address, p)))
+            .collect();
         Ok(DesiredState {
+            published,
             networks: networks
                 .iter()
                 .map(|n| NetworkSpec {

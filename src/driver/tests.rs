@@ -566,3 +566,157 @@ async fn quiet_reconcile_passes_touch_only_what_changed() {
         "the thorough pass sets everything up"
     );
 }
+
+fn portmap(map: serde_json::Value) -> crate::protocol::OptionsMap {
+    serde_json::from_value(json!({
+        "com.docker.network.endpoint.exposedports": [],
+        "com.docker.network.portmap": map
+    }))
+    .unwrap()
+}
+
+/// A network with `EP` created and joined at 10.42.0.5.
+async fn joined_endpoint() -> (Driver, Arc<FakeDatapath>, Arc<EmbeddedStore>) {
+    let (d, fake, store) = with_network(DriverConfig::default()).await;
+    d.create_endpoint(endpoint_req(NET, EP, "10.42.0.5/16"))
+        .await
+        .unwrap();
+    d.join(join_req(NET, EP)).await.unwrap();
+    (d, fake, store)
+}
+
+fn published_in(fake: &FakeDatapath) -> Vec<String> {
+    fake.with(|s| {
+        s.synced
+            .published
+            .iter()
+            .map(|(c, p)| {
+                format!(
+                    "{}->{c}:{}",
+                    describe_ports(std::slice::from_ref(p)),
+                    p.container_port
+                )
+            })
+            .collect()
+    })
+}
+
+#[tokio::test]
+async fn published_ports_are_kept_in_the_record_rendered_and_withdrawn_on_revoke() {
+    let (d, fake, store) = joined_endpoint().await;
+    let map = portmap(json!([
+        {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18080, "HostPortEnd": 18080},
+        {"Proto": 17, "IP": "", "Port": 53, "HostIP": "127.0.0.1", "HostPort": 5300, "HostPortEnd": 5301},
+        {"Proto": 6, "IP": "", "Port": 81, "HostIP": "", "HostPort": 0, "HostPortEnd": 0}
+    ]));
+    fake.with(|s| s.taken_ports.insert((crate::ports::Proto::Udp, 5300)));
+    let got = d.program_external(NET, EP, &map).await.unwrap();
+    assert_eq!(
+        describe_ports(&got),
+        "0.0.0.0:18080->80/tcp, 127.0.0.1:5301->53/udp, 0.0.0.0:49153->81/tcp"
+    );
+    assert_eq!(
+        published_in(&fake),
+        [
+            "0.0.0.0:18080->80/tcp->10.42.0.5:80",
+            "0.0.0.0:49153->81/tcp->10.42.0.5:81",
+            "127.0.0.1:5301->53/udp->10.42.0.5:53"
+        ]
+    );
+    // Asked again (Docker may do so), the same ports: the ephemeral one too.
+    assert_eq!(d.program_external(NET, EP, &map).await.unwrap(), got);
+    // A restarted weft renders them from the record (kill -9 loses nothing).
+    let fresh = Arc::new(FakeDatapath::new());
+    let restarted = Driver::new(store.clone(), fresh.clone(), DriverConfig::default());
+    fresh.with(|s| s.links = fake.links());
+    restarted.reconcile().await.unwrap();
+    assert_eq!(published_in(&fresh), published_in(&fake));
+    restarted.revoke_external(NET, EP).await.unwrap();
+    assert!(published_in(&fresh).is_empty());
+    assert!(restarted.endpoints().await.unwrap()[0].published.is_empty());
+    // Revoking again, or for an unknown endpoint, is fine.
+    restarted.revoke_external(NET, EP).await.unwrap();
+    restarted
+        .revoke_external(NET, &EP.replace('a', "b"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_port_conflict_is_refused_naming_the_port_and_publishes_nothing() {
+    let (d, fake, _) = joined_endpoint().await;
+    let other = EP.replace("9ab1", "8ab1");
+    d.create_endpoint(endpoint_req(NET, &other, "10.42.0.6/16"))
+        .await
+        .unwrap();
+    d.join(join_req(NET, &other)).await.unwrap();
+    let one = |port: u16| json!({"Proto": 6, "Port": 80, "HostIP": "", "HostPort": port, "HostPortEnd": port});
+    d.program_external(NET, EP, &portmap(json!([one(8080)])))
+        .await
+        .unwrap();
+    let before = published_in(&fake);
+    // Taken by weft for another container: refused, and its free port 9090 is not
+    // published either.
+    let err = d
+        .program_external(NET, &other, &portmap(json!([one(9090), one(8080)])))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DriverError::Conflict(_)), "{err}");
+    assert!(
+        err.to_string().contains("8080/tcp is already published"),
+        "{err}"
+    );
+    // Held by a process of the host.
+    fake.with(|s| s.taken_ports.insert((crate::ports::Proto::Tcp, 7070)));
+    let err = d
+        .program_external(NET, &other, &portmap(json!([one(7070)])))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("7070/tcp is in use by a process"),
+        "{err}"
+    );
+    // A firewall that refuses the rules: the record is taken back too.
+    fake.with(|s| s.fail_sync = true);
+    assert!(d
+        .program_external(NET, &other, &portmap(json!([one(9191)])))
+        .await
+        .is_err());
+    fake.with(|s| s.fail_sync = false);
+    let records = d.endpoints().await.unwrap();
+    let theirs = records.iter().find(|e| e.id == other).unwrap();
+    assert!(theirs.published.is_empty(), "{:?}", theirs.published);
+    assert_eq!(published_in(&fake), before);
+    // A port map that is not one is refused as invalid.
+    let err = d
+        .program_external(NET, &other, &portmap(json!("nonsense")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DriverError::Invalid(_)), "{err}");
+}
+
+#[tokio::test]
+async fn leave_delete_endpoint_and_network_removal_leave_no_published_port() {
+    let (d, fake, _) = joined_endpoint().await;
+    let map = portmap(
+        json!([{"Proto": 6, "Port": 80, "HostIP": "", "HostPort": 8080, "HostPortEnd": 8080}]),
+    );
+    d.program_external(NET, EP, &map).await.unwrap();
+    // Leave without Revoke (a missed call): the ports go with the join.
+    d.leave(NET, EP).await.unwrap();
+    assert!(published_in(&fake).is_empty());
+    d.join(join_req(NET, EP)).await.unwrap();
+    d.program_external(NET, EP, &map).await.unwrap();
+    assert_eq!(published_in(&fake).len(), 1);
+    d.delete_endpoint(NET, EP).await.unwrap();
+    assert!(published_in(&fake).is_empty());
+    // A network removed with a publishing endpoint still on it.
+    d.create_endpoint(endpoint_req(NET, EP, "10.42.0.5/16"))
+        .await
+        .unwrap();
+    d.join(join_req(NET, EP)).await.unwrap();
+    d.program_external(NET, EP, &map).await.unwrap();
+    d.delete_network(NET).await.unwrap();
+    assert!(published_in(&fake).is_empty());
+    assert_eq!(fake.with(|s| s.synced.clone()), DesiredState::default());
+}

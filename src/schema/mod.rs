@@ -175,6 +175,9 @@ pub struct EndpointRecord {
     /// clock): a never-joined endpoint older than the endpoint grace is collected.
     #[serde(default)]
     pub since: u64,
+    /// Host ports published to it (ProgramExternalConnectivity), until revoked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<crate::ports::Published>,
 }
 
 /// An address this host handed out (`addresses/<pool>/<ip>`).
