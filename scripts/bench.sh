@@ -225,7 +225,7 @@ handled_since() {
   tail -n +"$(cat "$1")" "$(lab_dir h1)/weft.log" | python3 -c '
 import re, sys
 for line in sys.stdin:
-    m = re.search(r"method=NetworkDriver\.(CreateEndpoint|Join)\b.*?endpoint=(\w+).*micros=(\d+)", line)
+    m = re.search(r"method=NetworkDriver\.(CreateEndpoint|Join|ProgramExternalConnectivity)\b.*?endpoint=(\w+).*micros=(\d+)", line)
     if m and "handled" in line:
         print(m.group(1), m.group(2), int(m.group(3)) / 1000)'
 }
@@ -235,12 +235,24 @@ handler_times() {
   handled_since "$mark" >"$LAB_ROOT/handled"
   mapfile -t ce < <(awk '$1 == "CreateEndpoint" {print $3}' "$LAB_ROOT/handled")
   mapfile -t jn < <(awk '$1 == "Join" {print $3}' "$LAB_ROOT/handled")
-  mapfile -t both < <(awk '{t[$2] += $3; n[$2]++} END {for (e in t) if (n[e] == 2) print t[e]}' "$LAB_ROOT/handled")
+  mapfile -t both < <(awk '$1 != "ProgramExternalConnectivity" {t[$2] += $3; n[$2]++} END {for (e in t) if (n[e] == 2) print t[e]}' "$LAB_ROOT/handled")
   percentiles "CreateEndpoint handler$label" ms "${ce[@]}"
   percentiles "Join handler$label" ms "${jn[@]}"
   percentiles "CreateEndpoint + Join handlers$label" ms "${both[@]}"
 }
 handler_times "$LAB_ROOT/handled.before" ""
+
+log "3a. container start publishing a port (-p, $STARTS starts)"
+wc -l <"$(lab_dir h1)/weft.log" >"$LAB_ROOT/handled.before"
+published_t=()
+for _ in $(seq "$STARTS"); do
+  t0=$(date +%s%N); D h1 run --rm --network app -p 18400:8080 "$LAB_IMAGE" ping -c 1 -W 2 "$C2" >/dev/null; t1=$(date +%s%N)
+  published_t+=("$(( (t1 - t0) / 1000000 ))")
+done
+percentiles "docker run -p 18400:8080 to reaching a container on another host, weft" ms "${published_t[@]}"
+handled_since "$LAB_ROOT/handled.before" >"$LAB_ROOT/handled"
+mapfile -t pec < <(awk '$1 == "ProgramExternalConnectivity" {print $3}' "$LAB_ROOT/handled")
+percentiles "ProgramExternalConnectivity handler, one port published" ms "${pec[@]}"
 
 log "3b. $BURST containers started at once ($BURSTS rounds)"
 wc -l <"$(lab_dir h1)/weft.log" >"$LAB_ROOT/handled.before"

@@ -252,6 +252,21 @@ test_traffic_survives_etcd_loss_and_weft_recovers() {
   retry 25 pings h2 c2 "$(ip_of h1 after app)"
 }
 
+# -p publishes on the host where the container runs (h2, 192.0.2.12), not on the others;
+# a container on another host reaches it there.
+test_a_port_is_published_on_the_host_where_its_container_runs() {
+  trap 'trap - ERR; set +e; D h2 rm -f pm >/dev/null 2>&1' EXIT
+  run_bb h2 pm --network app -p 18380:8080
+  D h2 exec pm sh -c 'mkdir -p /www && echo marker >/www/index.html && httpd -p 8080 -h /www'
+  retry 25 sh -c "ip netns exec $LAB_WAN curl -s --max-time 2 http://192.0.2.12:18380/ | grep -q marker" ||
+    fail "the underlay cannot fetch the port on the container's host"
+  ip netns exec "$LAB_WAN" curl -s --max-time 2 http://192.0.2.11:18380/ | grep -q marker &&
+    fail "the port is published on a host where the container does not run"
+  lab_exec h1 nft list table inet weft | grep -q 'dport 18380' && fail "h1 has a rule for h2's port"
+  D h1 exec c1 timeout 3 wget -q -O - http://192.0.2.12:18380/ | grep -q marker ||
+    fail "a container on h1 cannot fetch the port published on h2"
+}
+
 main() {
   [ "$(id -u)" = 0 ] || { echo "multi_host: needs root"; exit 1; }
   [ -x "$WEFT_BIN" ] || { echo "multi_host: build $WEFT_BIN first"; exit 1; }
@@ -264,6 +279,7 @@ main() {
     test_thirty_containers_at_once_get_distinct_addresses \
     test_networks_stay_isolated_across_hosts \
     test_remote_blocks_are_routed_only_for_pools_this_host_has_a_network_in \
+    test_a_port_is_published_on_the_host_where_its_container_runs \
     test_weft_restart_during_cross_host_ping_loses_nothing \
     test_late_host_converges_within_a_second \
     test_a_vanished_host_is_evicted \

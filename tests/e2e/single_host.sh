@@ -294,6 +294,148 @@ test_containers_reach_only_their_gateway_on_the_host() {
   [ "${#errs[@]}" = 0 ] || { for e in "${errs[@]}"; do echo "    FAIL: $e" >&2; done; return 1; }
 }
 
+# Port publishing (-p): pages fetched from the underlay, from the host itself and by
+# other containers through the host's address (the host is 192.0.2.11 on the underlay).
+wan_fetches() { ip netns exec "$LAB_WAN" curl -s --max-time 3 "$1" | grep -q marker; }
+host_fetches() { HX curl -s --max-time 3 "$1" | grep -q marker; }
+weft_published() {
+  local st
+  st=$(HX "$WEFT_BIN" status --json) || { echo "    weft status failed" >&2; return 1; }
+  jq -r '.endpoints[].published[]?' <<<"$st"
+}
+nft_table() { HX nft list table inet weft 2>/dev/null || true; }
+# A UDP echo server (it answers "echo <sender>") on port $2 in container $1's network
+# namespace; prints its PID.
+udp_echo() {
+  nsenter -t "$(D inspect -f '{{.State.Pid}}' "$1")" -n python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    d, a = s.recvfrom(512); s.sendto(b"echo " + a[0].encode(), a)' "$2" </dev/null >/dev/null 2>&1 &
+  echo $!
+}
+# udp_asks CMD-PREFIX ADDR PORT: the reply to one datagram, within 2 s.
+udp_asks() {
+  $1 python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+s.sendto(b"hi", (sys.argv[1], int(sys.argv[2])))
+try: print(s.recvfrom(512)[0].decode())
+except OSError: pass' "$2" "$3"
+}
+
+# -p with a fixed port, a range, any port (-p 8080), 127.0.0.1 only and UDP: reached
+# from the underlay, the host (its address and 127.0.0.1), and by hairpin from a
+# container on the same network, one on another network and the container itself;
+# the 127.0.0.1 port only from the host; weft status lists them.
+test_published_ports_are_reached_from_the_underlay_the_host_and_by_hairpin() {
+  local any errs=()
+  udp_pid=""  # global: the EXIT trap runs after the function's locals are gone
+  trap 'trap - ERR; set +e; kill $udp_pid 2>/dev/null; D rm -f pw pc pc2 >/dev/null 2>&1; D network rm pub pub2 >/dev/null 2>&1' EXIT
+  D network create -d weft --ipam-driver weft --subnet 10.51.0.0/24 pub >/dev/null
+  D network create -d weft --ipam-driver weft --subnet 10.52.0.0/24 pub2 >/dev/null
+  serve pw --network pub -p 18080:8080 -p 18081-18089:8080 -p 8080 -p 127.0.0.1:18070:8080 -p 15353:5353/udp
+  run_bb pc --network pub; run_bb pc2 --network pub2
+  udp_pid=$(udp_echo pw 5353)
+  weft_published | sed 's/^/    published /'
+  any=$(weft_published | sed -n 's/^0\.0\.0\.0:\([0-9]*\)->8080\/tcp$/\1/p' | awk '$1 >= 49153')
+  [ -n "$any" ] || fail "-p 8080 got no port from 49153-60999: $(weft_published | tr '\n' ' ')"
+  weft_published | grep -qx '0.0.0.0:18081->8080/tcp' || errs+=("the range 18081-18089 did not give its first port")
+  weft_published | grep -qx '127.0.0.1:18070->8080/tcp' || errs+=("status does not list the 127.0.0.1 port")
+  weft_published | grep -qx '0.0.0.0:15353->5353/udp' || errs+=("status does not list the UDP port")
+  for port in 18080 18081 "$any"; do
+    wan_fetches "http://192.0.2.11:$port/" || errs+=("the underlay cannot fetch :$port")
+  done
+  host_fetches "http://192.0.2.11:18080/" || errs+=("the host cannot fetch its own address :18080")
+  host_fetches "http://127.0.0.1:18080/" || errs+=("the host cannot fetch 127.0.0.1:18080")
+  host_fetches "http://127.0.0.1:18070/" || errs+=("the host cannot fetch the 127.0.0.1-only port")
+  wan_fetches "http://192.0.2.11:18070/" && errs+=("the underlay fetched the 127.0.0.1-only port")
+  fetches pc "http://192.0.2.11:18080/" || errs+=("hairpin: a container of the same network cannot fetch :18080")
+  fetches pc2 "http://192.0.2.11:18080/" || errs+=("hairpin: a container of another network cannot fetch :18080")
+  fetches pw "http://192.0.2.11:18080/" || errs+=("hairpin: the container cannot fetch its own published port")
+  for _ in $(seq 10); do [ -n "$(udp_asks "ip netns exec $LAB_WAN" 192.0.2.11 15353)" ] && break; done
+  [ "$(udp_asks "ip netns exec $LAB_WAN" 192.0.2.11 15353)" = "echo 192.0.2.1" ] || errs+=("UDP :15353 from the underlay: no answer from the container, or not with the sender's address")
+  [ -n "$(udp_asks HX 127.0.0.1 15353)" ] || errs+=("UDP :15353 from the host over 127.0.0.1: no answer")
+  # Nothing else of the container is reachable from outside.
+  ip -n "$LAB_WAN" route add 10.51.0.0/24 via 192.0.2.11
+  ip netns exec "$LAB_WAN" curl -s --max-time 3 "http://$(ip_of pw pub):8080/" | grep -q marker && errs+=("the underlay reached the container's address directly")
+  ip -n "$LAB_WAN" route del 10.51.0.0/24
+  [ "${#errs[@]}" = 0 ] || { for e in "${errs[@]}"; do echo "    FAIL: $e" >&2; done; return 1; }
+}
+
+# A host port weft published for another container, or one a host process holds, fails
+# docker run naming the port, and publishes none of that container's ports; docker rm
+# -f and docker network rm leave no rule behind.
+test_a_port_conflict_is_refused_and_removal_leaves_no_rule() {
+  local dir holder out left
+  dir=$(lab_dir $H)
+  holder=$(lab_spawn $H "$dir/holder.log" python3 -c 'import socket, time; s=socket.socket(); s.bind(("0.0.0.0", 18182)); s.listen(1); time.sleep(600)')
+  trap 'trap - ERR; set +e; kill '"$holder"' 2>/dev/null; D rm -f p1 p2 p3 >/dev/null 2>&1; D network rm pubc >/dev/null 2>&1' EXIT
+  D network create -d weft --ipam-driver weft --subnet 10.53.0.0/24 pubc >/dev/null
+  serve p1 --network pubc -p 18180:8080
+  out=$(D run -d --name p2 --network pubc -p 18181:8080 -p 18180:8080 "$LAB_IMAGE" sleep 3600 2>&1) &&
+    fail "a second container got the published port 18180"
+  echo "    refused: $(echo "$out" | grep -o 'host port 18180[^"]*' | head -1)"
+  echo "$out" | grep -q '18180/tcp is already published' || fail "the error does not name the port: $out"
+  nft_table | grep -q 'dport 18181' && fail "the refused container's other port 18181 was published"
+  retry 20 sh -c "nsenter -t $(lab_holder $H) -m -n ss -ltn | grep -q ':18182 '"
+  out=$(D run -d --name p3 --network pubc -p 18182:8080 "$LAB_IMAGE" sleep 3600 2>&1) &&
+    fail "a container got port 18182, which a host process holds"
+  echo "$out" | grep -q '18182/tcp is in use by a process' || fail "the error does not name the port: $out"
+  wan_fetches "http://192.0.2.11:18180/" || fail "the first container's port stopped working"
+  D rm -f p1 >/dev/null
+  nft_table | grep -q 'dnat ip to' && fail "docker rm -f left a DNAT rule: $(nft_table | grep 'dnat ip to')"
+  serve p1 --network pubc -p 18180:8080
+  nft_table | grep -q 'dport 18180' || fail "the port was not published again"
+  D rm -f p1 p2 p3 >/dev/null 2>&1 || true
+  D network rm pubc >/dev/null
+  nft_table | grep -q 'dnat ip to' && fail "docker network rm left a DNAT rule"
+  left=$(weft_published) || fail "weft status failed"
+  [ -z "$left" ] || fail "status still lists published ports: $left"
+}
+
+# kill -9 of weft with a published port in use: the open connection keeps working,
+# new ones too while weft is down, and after the restart the port is still published;
+# the reconciler repairs a removed rule.
+test_kill_9_keeps_published_ports() {
+  local fifo=$LAB_ROOT/kill9.fifo out=$LAB_ROOT/kill9.out
+  conn=""  # global: the EXIT trap runs after the function's locals are gone
+  trap 'trap - ERR; set +e; kill $conn 2>/dev/null; rm -f '"$fifo"'; D rm -f pk >/dev/null 2>&1; D network rm pubk >/dev/null 2>&1' EXIT
+  D network create -d weft --ipam-driver weft --subnet 10.54.0.0/24 pubk >/dev/null
+  run_bb pk --network pubk -p 18280:8080
+  # A TCP echo (busybox nc, a cat per connection) in the container.
+  D exec -d pk nc -ll -p 8080 -e cat
+  new_connection_echoes() {
+    ip netns exec "$LAB_WAN" python3 -c 'import socket; s=socket.create_connection(("192.0.2.11", 18280), timeout=3); s.sendall(b"new\n"); print(s.recv(64).decode().strip())' 2>/dev/null | grep -qx new
+  }
+  retry 25 new_connection_echoes || fail "control: the published echo does not answer"
+  # One connection from the underlay is held across the kill and the restart: it sends
+  # a word each time a line comes on the fifo and prints the echo.
+  mkfifo "$fifo"
+  ip netns exec "$LAB_WAN" python3 -c '
+import socket, sys
+s = socket.create_connection(("192.0.2.11", 18280), timeout=3)
+for word in ("before", "during", "after"):
+    s.sendall(word.encode() + b"\n"); print(s.recv(64).decode().strip(), flush=True)
+    sys.stdin.readline()' <"$fifo" >"$out" 2>&1 &
+  conn=$!
+  exec 7>"$fifo"
+  retry 25 grep -qx before "$out" || fail "no echo before the kill: $(cat "$out")"
+  lab_weft_stop $H KILL
+  echo >&7
+  retry 25 grep -qx during "$out" || fail "the open connection stopped with weft: $(cat "$out")"
+  new_connection_echoes || fail "a new connection fails while weft is down"
+  lab_weft_start $H
+  echo >&7
+  retry 25 grep -qx after "$out" || fail "the open connection stopped after the restart: $(cat "$out")"
+  exec 7>&-
+  new_connection_echoes || fail "a new connection fails after the restart"
+  weft_published | grep -qx '0.0.0.0:18280->8080/tcp' || fail "the restarted weft does not list the port"
+  # The reconciler puts the rules back when they are removed behind weft's back.
+  HX nft delete table inet weft
+  retry 50 new_connection_echoes || fail "the reconciler did not publish the port again"
+}
+
 test_sigterm_removes_the_socket_and_a_stale_one_is_replaced() {
   lab_weft_stop $H TERM
   HX test -e /run/docker/plugins/weft.sock && fail "socket left after SIGTERM"
@@ -326,6 +468,9 @@ main() {
     test_the_underlay_reaches_no_container_whatever_the_forward_policy \
     test_docker_bridge_networks_and_weft_networks_cannot_reach_each_other \
     test_containers_reach_only_their_gateway_on_the_host \
+    test_published_ports_are_reached_from_the_underlay_the_host_and_by_hairpin \
+    test_a_port_conflict_is_refused_and_removal_leaves_no_rule \
+    test_kill_9_keeps_published_ports \
     test_sigterm_removes_the_socket_and_a_stale_one_is_replaced \
     test_removal_leaves_nothing_behind; do
     run_test "$t"
