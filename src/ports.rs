@@ -146,6 +146,12 @@ pub fn requests(options: &OptionsMap) -> Result<Vec<Request>, PortError> {
         if b.port == 0 {
             return Err(PortError::Invalid("container port 0".into()));
         }
+        if b.host_port == 0 && b.host_port_end != 0 {
+            return Err(PortError::Invalid(format!(
+                "host port range 0-{} starts at 0",
+                b.host_port_end
+            )));
+        }
         let end = if b.host_port_end == 0 {
             b.host_port
         } else {
@@ -288,6 +294,13 @@ mod tests {
         assert_eq!(r[1].host_ip, Some(Ipv4Addr::LOCALHOST));
         assert_eq!(r[2].host_ports, (9000, 9010));
         assert!(requests(&OptionsMap::new()).unwrap().is_empty());
+        let from_zero = options(
+            serde_json::json!([{"Proto": 6, "Port": 80, "HostPort": 0, "HostPortEnd": 90}]),
+        );
+        assert!(requests(&from_zero)
+            .unwrap_err()
+            .to_string()
+            .contains("starts at 0"));
         let sctp = options(serde_json::json!([{"Proto": 132, "Port": 80, "HostPort": 80}]));
         assert!(requests(&sctp).unwrap_err().to_string().contains("sctp"));
     }

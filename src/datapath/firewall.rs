@@ -65,12 +65,15 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
     // A container may only send from its own address, and only IPv4: its address
     // is the one whose route leads back out of the link it came in on (the
     // endpoint's /32), a reverse-path check that needs no rule per container.
+    // 127.0.0.0/8 comes only from the host itself: the DNAT of a port published on
+    // 127.0.0.1 comes after this (priority -100), and route_localnet is on for the
+    // host links, so nothing from a container, the underlay or the tunnel reaches it.
     let _ = writeln!(
         s,
         "  chain prerouting {{\n    type filter hook prerouting priority -150; policy accept;\n    \
          iifname \"{HOST_IF_PREFIX}*\" meta nfproto ipv6 drop\n    \
          iifname \"{HOST_IF_PREFIX}*\" fib saddr . iif oif missing drop\n    \
-         iifname \"{HOST_IF_PREFIX}*\" ip daddr 127.0.0.0/8 drop\n  }}"
+         iif != \"lo\" ip daddr 127.0.0.0/8 drop\n  }}"
     );
     // weft's own links, and the tunnel from other hosts' containers.
     let weft_ifs = match tunnel_if {
@@ -377,7 +380,7 @@ mod tests {
         assert!(!r.contains("dnat ip to"), "nothing published: no DNAT");
         assert!(!r.contains("chain publish_in"));
         // Containers may not use the host's loopback, which route_localnet opens.
-        assert!(r.contains("iifname \"wfh*\" ip daddr 127.0.0.0/8 drop"));
+        assert!(r.contains("iif != \"lo\" ip daddr 127.0.0.0/8 drop"));
         desired.published.insert((
             "10.42.0.5".parse().unwrap(),
             Published {

@@ -628,9 +628,6 @@ impl Driver {
     pub async fn leave(&self, network_id: &str, endpoint_id: &str) -> Result<(), DriverError> {
         let _net = self.locks.read(&lock_keys::network(network_id)).await;
         let _ep = self.locks.write(&lock_keys::endpoint(endpoint_id)).await;
-        // Docker revokes a gateway endpoint's ports before Leave; should that have
-        // been missed, they go now: a left endpoint publishes nothing.
-        self.unpublish(endpoint_id).await?;
         let key = keys::endpoint(endpoint_id);
         self.local
             .modify_json::<EndpointRecord, DriverError, _>(&key, |current| {
@@ -641,6 +638,12 @@ impl Driver {
                 }))
             })
             .await?;
+        // Docker revokes a gateway endpoint's ports before Leave; should that have
+        // been missed, they go now (a left endpoint's ports are no longer rendered;
+        // a failed sync is repaired by the reconciler).
+        if let Err(e) = self.unpublish(endpoint_id).await {
+            warn!(error = %e, "withdrawing the ports of a left endpoint");
+        }
         info!("endpoint left");
         Ok(())
     }

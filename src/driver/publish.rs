@@ -41,6 +41,7 @@ impl Driver {
         }
         let key = keys::endpoint(endpoint_id);
         let before = self.endpoint_record(&key, endpoint_id).await?;
+        self.forget_gone_publishers(endpoint_id).await?;
         // Host ports belong to the whole host: one endpoint picks at a time, so two
         // containers never get the same port.
         let _one = self.publishing.lock().await;
@@ -51,9 +52,12 @@ impl Driver {
             .filter(|e| e.id != endpoint_id)
             .flat_map(|e| e.published)
             .collect();
-        let published =
-            ports::resolve(&requests, &others, &before.published, |proto, ip, port| {
-                self.datapath
+        // Trying a crowded range binds port after port: off the async workers.
+        let datapath = self.datapath.clone();
+        let previous = before.published.clone();
+        let published = tokio::task::spawn_blocking(move || {
+            ports::resolve(&requests, &others, &previous, |proto, ip, port| {
+                datapath
                     .host_port_free(proto, ip, port)
                     .map_err(|e| match e {
                         DatapathError::NotFound { what } => {
@@ -65,7 +69,15 @@ impl Driver {
                             message: e.to_string(),
                         },
                     })
-            })?;
+            })
+        })
+        .await
+        .map_err(|e| {
+            DriverError::Datapath(DatapathError::Kernel {
+                what: "choosing host ports".into(),
+                message: e.to_string(),
+            })
+        })??;
         self.set_published(&key, endpoint_id, published.clone())
             .await?;
         if let Err(e) = self.sync().await {
@@ -109,6 +121,33 @@ impl Driver {
         self.set_published(&key, endpoint_id, Vec::new()).await?;
         self.sync().await?;
         info!(ports = %describe(&rec.value.published), "ports withdrawn");
+        Ok(())
+    }
+
+    /// Removes the records of other endpoints that publish ports but whose container
+    /// is gone (joined, its link vanished with its namespace: dockerd was killed, say),
+    /// as the reconciler would on its next pass: a container started again with the
+    /// same `-p` must not be refused for a port nothing serves. Called before
+    /// [`Driver::publishing`] is taken, holding only this endpoint's lock, as
+    /// `create_endpoint` supersedes stale endpoints.
+    async fn forget_gone_publishers(&self, endpoint_id: &str) -> Result<(), DriverError> {
+        for other in self.endpoints().await? {
+            if other.id == endpoint_id || other.published.is_empty() || !other.joined {
+                continue;
+            }
+            if self.datapath.host_link_exists(&other.host_if).await? {
+                continue;
+            }
+            let _other = self.locks.write(&lock_keys::endpoint(&other.id)).await;
+            let key = keys::endpoint(&other.id);
+            let Some(current) = self.local.get_json::<EndpointRecord>(&key).await? else {
+                continue;
+            };
+            if current.value.joined && !self.datapath.host_link_exists(&other.host_if).await? {
+                warn!(endpoint = %short(&other.id), ports = %describe(&other.published), "forgetting a gone container's endpoint that still held published ports");
+                self.remove_endpoint(&current.value).await?;
+            }
+        }
         Ok(())
     }
 

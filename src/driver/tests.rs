@@ -43,6 +43,15 @@ fn endpoint_req(net: &str, ep: &str, addr: &str) -> proto::CreateEndpointRequest
     serde_json::from_value(json!({"NetworkID": net, "EndpointID": ep, "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""}, "Options": {}})).unwrap()
 }
 
+async fn endpoint_ids(d: &Driver) -> Vec<String> {
+    d.endpoints()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
 fn join_req(net: &str, ep: &str) -> proto::JoinRequest {
     serde_json::from_value(json!({"NetworkID": net, "EndpointID": ep, "SandboxKey": "/var/run/docker/netns/doesnotexist", "Options": null})).unwrap()
 }
@@ -285,14 +294,7 @@ async fn reconcile_forgets_dead_containers_repairs_links_and_removes_orphans() {
             orphan_links: 1
         }
     );
-    let left: Vec<_> = d
-        .endpoints()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
-    assert_eq!(left, vec![unjoined.to_string()]);
+    assert_eq!(endpoint_ids(&d).await, vec![unjoined.to_string()]);
     assert!(
         fake.links().contains("wfh0123456789ab"),
         "unjoined pair recreated"
@@ -399,10 +401,7 @@ async fn a_newer_endpoint_supersedes_a_never_joined_one_holding_its_address() {
 #[tokio::test]
 async fn a_live_endpoint_keeps_its_address() {
     let (d, _, _) = with_network(DriverConfig::default()).await;
-    d.create_endpoint(endpoint_req(NET, EP, "10.42.0.77/16"))
-        .await
-        .unwrap();
-    d.join(join_req(NET, EP)).await.unwrap();
+    create_and_join(&d, EP, "10.42.0.77/16").await;
     let err = d
         .create_endpoint(endpoint_req(NET, EP2, "10.42.0.77/16"))
         .await
@@ -575,13 +574,23 @@ fn portmap(map: serde_json::Value) -> crate::protocol::OptionsMap {
     .unwrap()
 }
 
+/// `-p 8080:80`.
+fn tcp_8080_to_80() -> crate::protocol::OptionsMap {
+    portmap(json!([{"Proto": 6, "Port": 80, "HostIP": "", "HostPort": 8080, "HostPortEnd": 8080}]))
+}
+
+/// Endpoint `ep` of `NET` created and joined at `addr` (a /16).
+async fn create_and_join(d: &Driver, ep: &str, addr: &str) {
+    d.create_endpoint(endpoint_req(NET, ep, addr))
+        .await
+        .unwrap();
+    d.join(join_req(NET, ep)).await.unwrap();
+}
+
 /// A network with `EP` created and joined at 10.42.0.5.
 async fn joined_endpoint() -> (Driver, Arc<FakeDatapath>, Arc<EmbeddedStore>) {
     let (d, fake, store) = with_network(DriverConfig::default()).await;
-    d.create_endpoint(endpoint_req(NET, EP, "10.42.0.5/16"))
-        .await
-        .unwrap();
-    d.join(join_req(NET, EP)).await.unwrap();
+    create_and_join(&d, EP, "10.42.0.5/16").await;
     (d, fake, store)
 }
 
@@ -646,10 +655,7 @@ async fn published_ports_are_kept_in_the_record_rendered_and_withdrawn_on_revoke
 async fn a_port_conflict_is_refused_naming_the_port_and_publishes_nothing() {
     let (d, fake, _) = joined_endpoint().await;
     let other = EP.replace("9ab1", "8ab1");
-    d.create_endpoint(endpoint_req(NET, &other, "10.42.0.6/16"))
-        .await
-        .unwrap();
-    d.join(join_req(NET, &other)).await.unwrap();
+    create_and_join(&d, &other, "10.42.0.6/16").await;
     let one = |port: u16| json!({"Proto": 6, "Port": 80, "HostIP": "", "HostPort": port, "HostPortEnd": port});
     d.program_external(NET, EP, &portmap(json!([one(8080)])))
         .await
@@ -698,9 +704,7 @@ async fn a_port_conflict_is_refused_naming_the_port_and_publishes_nothing() {
 #[tokio::test]
 async fn leave_delete_endpoint_and_network_removal_leave_no_published_port() {
     let (d, fake, _) = joined_endpoint().await;
-    let map = portmap(
-        json!([{"Proto": 6, "Port": 80, "HostIP": "", "HostPort": 8080, "HostPortEnd": 8080}]),
-    );
+    let map = tcp_8080_to_80();
     d.program_external(NET, EP, &map).await.unwrap();
     // Leave without Revoke (a missed call): the ports go with the join.
     d.leave(NET, EP).await.unwrap();
@@ -711,12 +715,29 @@ async fn leave_delete_endpoint_and_network_removal_leave_no_published_port() {
     d.delete_endpoint(NET, EP).await.unwrap();
     assert!(published_in(&fake).is_empty());
     // A network removed with a publishing endpoint still on it.
-    d.create_endpoint(endpoint_req(NET, EP, "10.42.0.5/16"))
-        .await
-        .unwrap();
-    d.join(join_req(NET, EP)).await.unwrap();
+    create_and_join(&d, EP, "10.42.0.5/16").await;
     d.program_external(NET, EP, &map).await.unwrap();
     d.delete_network(NET).await.unwrap();
     assert!(published_in(&fake).is_empty());
     assert_eq!(fake.with(|s| s.synced.clone()), DesiredState::default());
+}
+
+#[tokio::test]
+async fn a_gone_containers_ports_do_not_block_its_restart() {
+    // dockerd was killed: the container's namespace (and its link) went, but no Leave
+    // or DeleteEndpoint came, so its record still holds port 8080.
+    let (d, fake, _) = joined_endpoint().await;
+    let map = tcp_8080_to_80();
+    d.program_external(NET, EP, &map).await.unwrap();
+    let gone = d.endpoints().await.unwrap().remove(0);
+    fake.destroy_pair(&gone.host_if, &gone.container_if);
+    let again = EP.replace("9ab1", "7ab1");
+    create_and_join(&d, &again, "10.42.0.7/16").await;
+    d.program_external(NET, &again, &map).await.unwrap();
+    assert_eq!(
+        endpoint_ids(&d).await,
+        [again],
+        "the gone container's record is forgotten"
+    );
+    assert_eq!(published_in(&fake), ["0.0.0.0:8080->80/tcp->10.42.0.7:80"]);
 }
