@@ -499,6 +499,49 @@ impl Mesh {
         Ok(desired_peers(&self.host, hosts, &blocks))
     }
 
+    /// WireGuard resets a peer's persistent-keepalive timer on every packet from it
+    /// too, so of two hosts with the same keepalive one may never send (the other's
+    /// keepalives keep putting its timer off), and its silence would make the other
+    /// take it for gone once its lease expires: the liveness check counts what
+    /// arrives. So every `every`, each peer this host sent nothing to since the last
+    /// look is made to send a keepalive now. Costs one device read when traffic flows.
+    pub async fn heartbeat(self: Arc<Self>, every: Duration) {
+        let mut last_tx = BTreeMap::new();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.keep_talking(&mut last_tx).await {
+                debug!(error = %e, "keepalive check skipped");
+            }
+        }
+    }
+
+    /// One look for [`Mesh::heartbeat`]: returns how many peers were made to send.
+    async fn keep_talking(&self, last_tx: &mut BTreeMap<String, u64>) -> Result<usize, MeshError> {
+        let status = self.tunnel.peers().await?;
+        let keepalive: BTreeMap<String, u16> = self
+            .heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|h| Some((h.record.public_key.clone(), h.record.keepalive?)))
+            .collect();
+        let silent: Vec<(String, u16)> = status
+            .iter()
+            .filter(|p| last_tx.get(&p.public_key) == Some(&p.tx_bytes))
+            .filter_map(|p| Some((p.public_key.clone(), *keepalive.get(&p.public_key)?)))
+            .collect();
+        *last_tx = status
+            .into_iter()
+            .map(|p| (p.public_key, p.tx_bytes))
+            .collect();
+        if !silent.is_empty() {
+            self.tunnel.send_keepalives(&silent).await?;
+        }
+        Ok(silent.len())
+    }
+
     /// Asks for a full pass now (e.g. after this host claimed a block).
     pub fn poke(&self) {
         self.full_wanted.store(true, Ordering::SeqCst);
@@ -1065,6 +1108,38 @@ mod tests {
             tunnel.peers.lock().unwrap().is_empty(),
             "b, silent past its window, is gone long before the next full-pass period"
         );
+    }
+
+    /// Of two hosts with the same keepalive, WireGuard may let only one send (each
+    /// packet that arrives puts the receiver's keepalive off): a peer this host sent
+    /// nothing to since the last look is made to send, so the other hears it.
+    #[tokio::test]
+    async fn a_peer_this_host_fell_silent_to_is_made_to_send_a_keepalive() {
+        let (store, tunnel, mesh, _, _, _) = cluster_with_block("10.42.0.64/26", "b").await;
+        let b = HostRecord {
+            keepalive: Some(5),
+            ..host("b", "192.0.2.12")
+        };
+        store
+            .modify_json::<HostRecord, StoreError, _>(&keys::host("b"), |_| Ok(Some(b.clone())))
+            .await
+            .unwrap();
+        mesh.reconcile().await.unwrap();
+        let b = b.public_key;
+        let sent_to_b = |bytes: u64| {
+            for p in tunnel.peers.lock().unwrap().iter_mut() {
+                p.tx_bytes = bytes;
+            }
+        };
+        let mut last_tx = BTreeMap::new();
+        // The first look only notes the counters.
+        assert_eq!(mesh.keep_talking(&mut last_tx).await.unwrap(), 0);
+        // This host keeps sending to b: nothing to do.
+        sent_to_b(100);
+        assert_eq!(mesh.keep_talking(&mut last_tx).await.unwrap(), 0);
+        // Silent towards b since the last look (b's keepalives put ours off).
+        assert_eq!(mesh.keep_talking(&mut last_tx).await.unwrap(), 1);
+        assert_eq!(*tunnel.keepalives_sent.lock().unwrap(), [b]);
     }
 
     #[tokio::test]

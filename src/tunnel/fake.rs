@@ -16,6 +16,8 @@ pub struct FakeTunnel {
     /// How often the device was read, and changed without a read.
     pub reads: std::sync::atomic::AtomicUsize,
     pub changes: std::sync::atomic::AtomicUsize,
+    /// Keys of the peers made to send a keepalive, in order.
+    pub keepalives_sent: Mutex<Vec<String>>,
 }
 
 #[async_trait]
@@ -87,6 +89,12 @@ impl Tunnel for FakeTunnel {
             rx_bytes: 0,
             tx_bytes: 0,
         }));
+        Ok(())
+    }
+
+    async fn send_keepalives(&self, peers: &[(String, u16)]) -> Result<(), TunnelError> {
+        let mut sent = self.keepalives_sent.lock().unwrap();
+        sent.extend(peers.iter().map(|(key, _)| key.clone()));
         Ok(())
     }
 

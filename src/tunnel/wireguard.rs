@@ -339,6 +339,20 @@ impl WireGuard {
     }
 }
 
+/// Two settings of each peer in one update, off then on: turning a persistent
+/// keepalive on sends one at once.
+fn keepalive_toggles(peers: &[(String, u16)]) -> Result<DeviceUpdate, TunnelError> {
+    let mut update = DeviceUpdate::new();
+    for (key, interval) in peers {
+        let key = Key::from_base64(key)
+            .map_err(|_| TunnelError::Setup(format!("peer key {key:?} is not valid")))?;
+        update = update
+            .add_peer(PeerConfigBuilder::new(&key).set_persistent_keepalive_interval(0))
+            .add_peer(PeerConfigBuilder::new(&key).set_persistent_keepalive_interval(*interval));
+    }
+    Ok(update)
+}
+
 #[async_trait]
 impl Tunnel for WireGuard {
     fn interface(&self) -> &str {
@@ -423,6 +437,16 @@ impl Tunnel for WireGuard {
             return Ok(());
         }
         self.update(upserts.iter(), removals).await
+    }
+
+    async fn send_keepalives(&self, peers: &[(String, u16)]) -> Result<(), TunnelError> {
+        if peers.is_empty() {
+            return Ok(());
+        }
+        let update = keepalive_toggles(peers)?;
+        let iface = self.iface;
+        let backend = self.backend()?;
+        blocking(move || update.apply(&iface, backend).map_err(io("send keepalives"))).await
     }
 
     async fn peers(&self) -> Result<Vec<PeerStatus>, TunnelError> {
