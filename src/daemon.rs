@@ -282,11 +282,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 mesh.clone()
                     .watch(c.etcd.client(), c.etcd.prefix().to_string()),
             );
-            // With liveness on, every host's keepalives must reach the others.
-            if let Some(k) = config.cluster.keepalive() {
-                let every = Duration::from_millis(u64::from(k) * 500).max(Duration::from_secs(1));
-                tokio::spawn(mesh.clone().heartbeat(every));
-            }
+            // Every host's keepalives must reach the others (their liveness check).
+            tokio::spawn(mesh.clone().heartbeat());
             Some(mesh)
         }
         None => None,

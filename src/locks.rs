@@ -42,6 +42,12 @@ impl KeyedLocks {
         self.lock_for(key).write_owned().await
     }
 
+    /// The write lock if nobody holds or waits for it now (for a caller that already
+    /// holds another object's lock and must not wait for a second one).
+    pub fn try_write(&self, key: &str) -> Option<WriteGuard> {
+        self.lock_for(key).try_write_owned().ok()
+    }
+
     /// How many named locks the set remembers.
     #[cfg(test)]
     fn len(&self) -> usize {

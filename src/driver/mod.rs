@@ -629,20 +629,25 @@ impl Driver {
         let _net = self.locks.read(&lock_keys::network(network_id)).await;
         let _ep = self.locks.write(&lock_keys::endpoint(endpoint_id)).await;
         let key = keys::endpoint(endpoint_id);
+        let mut withdrawn = false;
         self.local
             .modify_json::<EndpointRecord, DriverError, _>(&key, |current| {
                 Ok(current.map(|mut ep| {
                     ep.joined = false;
                     ep.since = unix_now();
+                    // Docker revokes a gateway endpoint's ports before Leave; should
+                    // that have been missed, they go now, in the same write.
+                    withdrawn = !ep.published.is_empty();
+                    ep.published.clear();
                     ep
                 }))
             })
             .await?;
-        // Docker revokes a gateway endpoint's ports before Leave; should that have
-        // been missed, they go now (a left endpoint's ports are no longer rendered;
-        // a failed sync is repaired by the reconciler).
-        if let Err(e) = self.unpublish(endpoint_id).await {
-            warn!(error = %e, "withdrawing the ports of a left endpoint");
+        if withdrawn {
+            // A failed firewall change is repaired by the reconciler.
+            if let Err(e) = self.sync().await {
+                warn!(error = %e, "withdrawing the rules of a left endpoint's ports");
+            }
         }
         info!("endpoint left");
         Ok(())

@@ -41,7 +41,7 @@ impl Driver {
         }
         let key = keys::endpoint(endpoint_id);
         let before = self.endpoint_record(&key, endpoint_id).await?;
-        self.forget_gone_publishers(endpoint_id).await?;
+        self.forget_gone_publishers(endpoint_id).await;
         // Host ports belong to the whole host: one endpoint picks at a time, so two
         // containers never get the same port.
         let _one = self.publishing.lock().await;
@@ -110,7 +110,7 @@ impl Driver {
 
     /// Clears an endpoint's published ports and withdraws their rules (no-op without
     /// any). The caller holds the endpoint's lock.
-    pub(super) async fn unpublish(&self, endpoint_id: &str) -> Result<(), DriverError> {
+    async fn unpublish(&self, endpoint_id: &str) -> Result<(), DriverError> {
         let key = keys::endpoint(endpoint_id);
         let Some(rec) = self.local.get_json::<EndpointRecord>(&key).await? else {
             return Ok(());
@@ -128,27 +128,46 @@ impl Driver {
     /// is gone (joined, its link vanished with its namespace: dockerd was killed, say),
     /// as the reconciler would on its next pass: a container started again with the
     /// same `-p` must not be refused for a port nothing serves. Called before
-    /// [`Driver::publishing`] is taken, holding only this endpoint's lock, as
-    /// `create_endpoint` supersedes stale endpoints.
-    async fn forget_gone_publishers(&self, endpoint_id: &str) -> Result<(), DriverError> {
-        for other in self.endpoints().await? {
+    /// [`Driver::publishing`] is taken; best effort (errors are the reconciler's).
+    async fn forget_gone_publishers(&self, endpoint_id: &str) {
+        let Ok(endpoints) = self.endpoints().await else {
+            return;
+        };
+        for other in endpoints {
             if other.id == endpoint_id || other.published.is_empty() || !other.joined {
                 continue;
             }
-            if self.datapath.host_link_exists(&other.host_if).await? {
+            if self
+                .datapath
+                .host_link_exists(&other.host_if)
+                .await
+                .unwrap_or(true)
+            {
                 continue;
             }
-            let _other = self.locks.write(&lock_keys::endpoint(&other.id)).await;
-            let key = keys::endpoint(&other.id);
-            let Some(current) = self.local.get_json::<EndpointRecord>(&key).await? else {
+            // Never waits while holding this endpoint's lock: two publishers could
+            // each hold the lock the other waits for. A busy one is left to the
+            // reconciler.
+            let Some(_other) = self.locks.try_write(&lock_keys::endpoint(&other.id)) else {
                 continue;
             };
-            if current.value.joined && !self.datapath.host_link_exists(&other.host_if).await? {
+            let key = keys::endpoint(&other.id);
+            let Ok(Some(current)) = self.local.get_json::<EndpointRecord>(&key).await else {
+                continue;
+            };
+            if current.value.joined
+                && !self
+                    .datapath
+                    .host_link_exists(&other.host_if)
+                    .await
+                    .unwrap_or(true)
+            {
                 warn!(endpoint = %short(&other.id), ports = %describe(&other.published), "forgetting a gone container's endpoint that still held published ports");
-                self.remove_endpoint(&current.value).await?;
+                if let Err(e) = self.remove_endpoint(&current.value).await {
+                    warn!(error = %e, "forgetting a gone container's endpoint left something behind");
+                }
             }
         }
-        Ok(())
     }
 
     async fn endpoint_record(&self, key: &str, id: &str) -> Result<EndpointRecord, DriverError> {

@@ -81,6 +81,10 @@ pub struct Mesh {
     /// What this host last saw of every other host: its record, and the bytes
     /// received from it with when that count last grew.
     heard: std::sync::Mutex<BTreeMap<String, Heard>>,
+    /// Held while the peers on the device are changed, and by the heartbeat between
+    /// its look at them and its keepalives (not the pass lock: a pass waiting on etcd
+    /// must not silence the heartbeat, least of all then).
+    device: tokio::sync::Mutex<()>,
     /// Records the last pass skipped as bad ("key: why"), for `weft status`.
     skipped: std::sync::Mutex<Vec<String>>,
     /// The cluster as the watch last told it (None until it has loaded, and after
@@ -146,6 +150,7 @@ impl Mesh {
             wake: Notify::new(),
             liveness: None,
             heard: std::sync::Mutex::new(BTreeMap::new()),
+            device: tokio::sync::Mutex::new(()),
             skipped: std::sync::Mutex::new(Vec::new()),
             view: std::sync::Mutex::new(None),
             programmed: tokio::sync::Mutex::new(None),
@@ -392,7 +397,10 @@ impl Mesh {
         }
         let (peers, routes) = self.desired(&snap, &hosts).await?;
         *self.skipped.lock().unwrap_or_else(|p| p.into_inner()) = snap.skipped;
-        let diff = self.tunnel.apply_peers(&peers).await?;
+        let diff = {
+            let _device = self.device.lock().await;
+            self.tunnel.apply_peers(&peers).await?
+        };
         self.datapath
             .sync_tunnel_routes(self.tunnel.interface(), &routes)
             .await?;
@@ -440,6 +448,7 @@ impl Mesh {
             .copied()
             .collect();
         if !(upserts.is_empty() && removals.is_empty()) {
+            let _device = self.device.lock().await;
             self.tunnel.change_peers(&upserts, &removals).await?;
         }
         if !(add.is_empty() && remove.is_empty()) {
@@ -503,22 +512,32 @@ impl Mesh {
     /// too, so of two hosts with the same keepalive one may never send (the other's
     /// keepalives keep putting its timer off), and its silence would make the other
     /// take it for gone once its lease expires: the liveness check counts what
-    /// arrives. So every `every`, each peer this host sent nothing to since the last
-    /// look is made to send a keepalive now. Costs one device read when traffic flows.
-    pub async fn heartbeat(self: Arc<Self>, every: Duration) {
+    /// arrives. So every second this host looks at its peers and makes each one it
+    /// has sent nothing to for half that peer's keepalive send a keepalive now. One
+    /// device read a second; a write only for peers it fell silent to.
+    pub async fn heartbeat(self: Arc<Self>) {
         let mut last_tx = BTreeMap::new();
-        let mut tick = tokio::time::interval(every);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tick.tick().await;
-            if let Err(e) = self.keep_talking(&mut last_tx).await {
+            if let Err(e) = self.keep_talking(&mut last_tx, Instant::now()).await {
                 debug!(error = %e, "keepalive check skipped");
             }
         }
     }
 
-    /// One look for [`Mesh::heartbeat`]: returns how many peers were made to send.
-    async fn keep_talking(&self, last_tx: &mut BTreeMap<String, u64>) -> Result<usize, MeshError> {
+    /// One look for [`Mesh::heartbeat`] at `now`: `last_tx` holds each peer's sent
+    /// bytes and since when they have not changed. Returns how many peers were made
+    /// to send.
+    async fn keep_talking(
+        &self,
+        last_tx: &mut BTreeMap<String, (u64, Instant)>,
+        now: Instant,
+    ) -> Result<usize, MeshError> {
+        // Not between a pass's look at the device and its change of it: a peer it
+        // removes is not added back, a keepalive it changes is not set back.
+        let _device = self.device.lock().await;
         let status = self.tunnel.peers().await?;
         let keepalive: BTreeMap<String, u16> = self
             .heard
@@ -527,17 +546,30 @@ impl Mesh {
             .values()
             .filter_map(|h| Some((h.record.public_key.clone(), h.record.keepalive?)))
             .collect();
-        let silent: Vec<(String, u16)> = status
-            .iter()
-            .filter(|p| last_tx.get(&p.public_key) == Some(&p.tx_bytes))
-            .filter_map(|p| Some((p.public_key.clone(), *keepalive.get(&p.public_key)?)))
-            .collect();
-        *last_tx = status
-            .into_iter()
-            .map(|p| (p.public_key, p.tx_bytes))
-            .collect();
+        let mut silent = Vec::new();
+        let mut next = BTreeMap::new();
+        for p in status {
+            let since = match last_tx.get(&p.public_key) {
+                Some(&(tx, since)) if tx == p.tx_bytes => since,
+                _ => now,
+            };
+            if let Some(&k) = keepalive.get(&p.public_key) {
+                let half = Duration::from_millis(u64::from(k) * 500).max(Duration::from_secs(1));
+                if now.duration_since(since) >= half {
+                    silent.push((p.public_key.clone(), k));
+                }
+            }
+            next.insert(p.public_key, (p.tx_bytes, since));
+        }
+        *last_tx = next;
         if !silent.is_empty() {
             self.tunnel.send_keepalives(&silent).await?;
+            // The keepalive shows in the counters at the next look; count from now.
+            for (key, _) in &silent {
+                if let Some(entry) = last_tx.get_mut(key) {
+                    entry.1 = now;
+                }
+            }
         }
         Ok(silent.len())
     }
@@ -1132,14 +1164,26 @@ mod tests {
             }
         };
         let mut last_tx = BTreeMap::new();
-        // The first look only notes the counters.
-        assert_eq!(mesh.keep_talking(&mut last_tx).await.unwrap(), 0);
-        // This host keeps sending to b: nothing to do.
+        let t0 = Instant::now();
+        let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        // b's keepalive is 5 s: this host may be silent towards it for 2.5 s.
+        assert_eq!(mesh.keep_talking(&mut last_tx, at(0.0)).await.unwrap(), 0);
+        assert_eq!(mesh.keep_talking(&mut last_tx, at(2.0)).await.unwrap(), 0);
+        // This host sends to b: the silence counts from then.
         sent_to_b(100);
-        assert_eq!(mesh.keep_talking(&mut last_tx).await.unwrap(), 0);
-        // Silent towards b since the last look (b's keepalives put ours off).
-        assert_eq!(mesh.keep_talking(&mut last_tx).await.unwrap(), 1);
+        assert_eq!(mesh.keep_talking(&mut last_tx, at(2.4)).await.unwrap(), 0);
+        assert_eq!(mesh.keep_talking(&mut last_tx, at(4.0)).await.unwrap(), 0);
+        // Silent towards b for 2.5 s (b's keepalives put ours off): made to send.
+        assert_eq!(mesh.keep_talking(&mut last_tx, at(4.9)).await.unwrap(), 1);
         assert_eq!(*tunnel.keepalives_sent.lock().unwrap(), [b]);
+        // Not again at once, but after another half keepalive of silence.
+        assert_eq!(mesh.keep_talking(&mut last_tx, at(5.5)).await.unwrap(), 0);
+        assert_eq!(mesh.keep_talking(&mut last_tx, at(7.4)).await.unwrap(), 1);
+        // A peer whose keepalive is unknown (off) is left alone.
+        let mut unknown = BTreeMap::new();
+        tunnel.peers.lock().unwrap()[0].public_key = "key-x".into();
+        assert_eq!(mesh.keep_talking(&mut unknown, at(0.0)).await.unwrap(), 0);
+        assert_eq!(mesh.keep_talking(&mut unknown, at(60.0)).await.unwrap(), 0);
     }
 
     #[tokio::test]

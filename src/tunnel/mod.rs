@@ -104,8 +104,8 @@ pub trait Tunnel: Send + Sync + 'static {
     async fn peers(&self) -> Result<Vec<PeerStatus>, TunnelError>;
     /// Makes each of `peers` (key, its persistent keepalive in seconds) send a
     /// keepalive now: its persistent keepalive is switched off and on again, which
-    /// both the kernel and wireguard-go answer with one. (A peer that is gone may be
-    /// added back, bare, for the next full pass to remove.)
+    /// both the kernel and wireguard-go answer with one. Does nothing on other
+    /// userspace implementations (boringtun rebuilds a peer from the fields given).
     async fn send_keepalives(&self, peers: &[(String, u16)]) -> Result<(), TunnelError>;
     /// Which WireGuard carries the tunnel, once the device is set up.
     fn implementation(&self) -> Option<Implementation> {

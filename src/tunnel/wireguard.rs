@@ -440,7 +440,15 @@ impl Tunnel for WireGuard {
     }
 
     async fn send_keepalives(&self, peers: &[(String, u16)]) -> Result<(), TunnelError> {
-        if peers.is_empty() {
+        // boringtun builds a peer anew from just the fields given: the toggle would
+        // drop its endpoint and session. Only the kernel and wireguard-go get it.
+        let toggles_safely = self.implementation().is_some_and(|i| {
+            i.kind == "kernel"
+                || i.program
+                    .as_deref()
+                    .is_some_and(|p| p.contains("wireguard-go"))
+        });
+        if peers.is_empty() || !toggles_safely {
             return Ok(());
         }
         let update = keepalive_toggles(peers)?;
