@@ -1,10 +1,7 @@
 //! Port publishing (`docker run -p`): the port map Docker sends with
-//! ProgramExternalConnectivity, resolved to concrete host ports, and the nftables
-//! rules that publish them. Pure: the driver keeps what is published in the
-//! endpoint's record and the datapath applies the rules.
+//! ProgramExternalConnectivity, resolved to concrete host ports. Pure: the driver
+//! keeps what is published in the endpoint's record and the firewall renders it.
 
-use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
@@ -100,6 +97,20 @@ pub struct Published {
     pub host_ip: Option<Ipv4Addr>,
     pub host_port: u16,
     pub container_port: u16,
+}
+
+/// `0.0.0.0:8080->80/tcp`, as `docker ps` shows a port.
+impl std::fmt::Display for Published {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}->{}/{}",
+            self.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            self.host_port,
+            self.container_port,
+            self.proto
+        )
+    }
 }
 
 impl Published {
@@ -248,27 +259,6 @@ pub fn resolve(
     Ok(out)
 }
 
-/// The DNAT rules for every published port (container address, port), one line
-/// each, for the prerouting and output nat chains: traffic to a local address of
-/// the host (or only to `host_ip`) goes to the container.
-pub fn dnat_rules(published: &BTreeSet<(Ipv4Addr, Published)>) -> String {
-    let mut s = String::new();
-    for (container, p) in published {
-        let daddr = match p.host_ip {
-            Some(ip) => format!("ip daddr {ip} "),
-            None => String::new(),
-        };
-        let _ = writeln!(
-            s,
-            "    fib daddr type local {daddr}{proto} dport {port} dnat ip to {container}:{to}",
-            proto = p.proto,
-            port = p.host_port,
-            to = p.container_port,
-        );
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,23 +394,5 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(err.to_string(), "no free host port for tcp in 7070-7071");
-    }
-
-    #[test]
-    fn each_published_port_is_one_dnat_rule() {
-        let mut set = BTreeSet::new();
-        set.insert((
-            Ipv4Addr::new(10, 42, 0, 5),
-            Published {
-                proto: Proto::Udp,
-                host_ip: Some(Ipv4Addr::LOCALHOST),
-                host_port: 5353,
-                container_port: 53,
-            },
-        ));
-        assert_eq!(
-            dnat_rules(&set),
-            "    fib daddr type local ip daddr 127.0.0.1 udp dport 5353 dnat ip to 10.42.0.5:53\n"
-        );
     }
 }

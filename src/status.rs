@@ -106,11 +106,7 @@ impl StatusSource {
                 address: e.address.to_string(),
                 link: e.host_if,
                 joined: e.joined,
-                published: e
-                    .published
-                    .iter()
-                    .map(|p| crate::driver::describe_ports(std::slice::from_ref(p)))
-                    .collect(),
+                published: e.published.iter().map(ToString::to_string).collect(),
             })
             .collect();
         let all_blocks: Vec<(String, String)> = match self.blocks.all().await {

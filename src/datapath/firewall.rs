@@ -25,7 +25,10 @@ use tokio::process::Command;
 use tracing::debug;
 
 use super::{DatapathError, DesiredState, HOST_IF_PREFIX};
-use crate::ports;
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use crate::ports::Published;
 
 pub const TABLE: &str = "weft";
 pub const IPTABLES_CHAIN: &str = "WEFT-FORWARD";
@@ -171,7 +174,7 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
     let _ = writeln!(s, "  }}");
     if !desired.published.is_empty() {
         // Published ports: from outside (prerouting) and from the host itself (output).
-        let rules = ports::dnat_rules(&desired.published);
+        let rules = dnat_rules(&desired.published);
         for (chain, hook) in [("publish_in", "prerouting"), ("publish_local", "output")] {
             let _ = writeln!(
                 s,
@@ -180,6 +183,27 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
         }
     }
     let _ = writeln!(s, "}}");
+    s
+}
+
+/// The DNAT rules for every published port (container address, port), one line
+/// each, for the prerouting and output nat chains: traffic to a local address of
+/// the host (or only to `host_ip`) goes to the container.
+fn dnat_rules(published: &BTreeSet<(Ipv4Addr, Published)>) -> String {
+    let mut s = String::new();
+    for (container, p) in published {
+        let daddr = match p.host_ip {
+            Some(ip) => format!("ip daddr {ip} "),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "    fib daddr type local {daddr}{proto} dport {port} dnat ip to {container}:{to}",
+            proto = p.proto,
+            port = p.host_port,
+            to = p.container_port,
+        );
+    }
     s
 }
 
@@ -479,6 +503,24 @@ mod tests {
         let after = format!("-P FORWARD DROP\n-A FORWARD -j DOCKER-USER\n{ours}\n");
         assert_eq!(jump_position(&after, ours), (2, false));
         assert_eq!(jump_position("-P FORWARD ACCEPT\n", ours), (1, false));
+    }
+
+    #[test]
+    fn each_published_port_is_one_dnat_rule() {
+        let mut set = BTreeSet::new();
+        set.insert((
+            Ipv4Addr::new(10, 42, 0, 5),
+            Published {
+                proto: crate::ports::Proto::Udp,
+                host_ip: Some(Ipv4Addr::LOCALHOST),
+                host_port: 5353,
+                container_port: 53,
+            },
+        ));
+        assert_eq!(
+            dnat_rules(&set),
+            "    fib daddr type local ip daddr 127.0.0.1 udp dport 5353 dnat ip to 10.42.0.5:53\n"
+        );
     }
 
     #[test]

@@ -201,15 +201,7 @@ impl Driver {
 pub fn describe(published: &[Published]) -> String {
     published
         .iter()
-        .map(|p| {
-            format!(
-                "{}:{}->{}/{}",
-                p.host_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
-                p.host_port,
-                p.container_port,
-                p.proto
-            )
-        })
+        .map(Published::to_string)
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -599,13 +599,7 @@ fn published_in(fake: &FakeDatapath) -> Vec<String> {
         s.synced
             .published
             .iter()
-            .map(|(c, p)| {
-                format!(
-                    "{}->{c}:{}",
-                    describe_ports(std::slice::from_ref(p)),
-                    p.container_port
-                )
-            })
+            .map(|(c, p)| format!("{}->{c}:{}", p, p.container_port))
             .collect()
     })
 }
