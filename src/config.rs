@@ -105,6 +105,15 @@ pub struct DaemonConfig {
     #[arg(long, env = "WEFT_PROC_SYS_NET", default_value = "/proc/sys/net")]
     pub proc_sys_net: String,
 
+    /// This host's dockerd API, where weft creates and removes cluster networks
+    /// (`-o weft.scope=cluster`); `none`: no cluster networks on this host.
+    #[arg(
+        long,
+        env = "WEFT_DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub docker_host: String,
+
     #[command(flatten)]
     pub cluster: ClusterConfig,
 }

@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 use crate::api::{router, AppState};
 use crate::cluster::HostRecord;
 use crate::cluster::Tenure;
+use crate::cluster_networks::ClusterNetworks;
 use crate::config::DaemonConfig;
 use crate::datapath::netlink::NetlinkDatapath;
 use crate::datapath::Datapath;
@@ -29,6 +30,8 @@ use crate::tunnel::Tunnel;
 
 pub const HOST_ID_FILE: &str = "host-id";
 pub const LOCK_FILE: &str = "lock";
+/// How often cluster networks are reconciled when nothing wakes them.
+const CLUSTER_NETWORKS_EVERY: Duration = Duration::from_secs(5);
 
 /// Takes the state directory for this process alone, before weft touches etcd or the
 /// kernel: two daemons on one state dir (say, the managed plugin and the systemd
@@ -78,12 +81,7 @@ pub fn host_id(state_dir: &Path) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    let mut bytes = [0u8; 8];
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom")?;
-    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let id = crate::schema::random_id().context("reading /dev/urandom")?;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, &id)
         .and_then(|()| std::fs::rename(&tmp, &path))
@@ -245,6 +243,26 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             default_block_prefix: config.block_size,
         },
     ));
+    let cluster_networks = if config.docker_host == "none" {
+        None
+    } else {
+        let engine = crate::engine::DockerEngine::new(&config.docker_host);
+        let networks = Arc::new(ClusterNetworks::new(
+            host.clone(),
+            cluster.clone(),
+            driver.clone(),
+            Arc::new(engine),
+        ));
+        if let Some(c) = &clustered {
+            tokio::spawn(crate::cluster_networks::watch_etcd(
+                c.etcd.client(),
+                c.etcd.prefix().to_string(),
+                networks.wake(),
+            ));
+        }
+        tokio::spawn(networks.clone().run(CLUSTER_NETWORKS_EVERY));
+        Some(networks)
+    };
     let mesh = match clustered {
         Some(c) => {
             let leases = crate::cluster::etcd::EtcdLeases::new(
@@ -340,6 +358,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         host: host.clone(),
         blocks: ipam.blocks().clone(),
         mesh,
+        cluster_networks,
     });
     let app = router(AppState {
         driver,

@@ -6,10 +6,12 @@
 
 pub mod api;
 pub mod cluster;
+pub mod cluster_networks;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod driver;
+pub mod engine;
 pub mod ipam;
 pub mod locks;
 pub mod mesh;

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster_networks::{ClusterNetworks, ClusterNetworksStatus};
 use crate::driver::{Driver, DriverError};
 use crate::ipam::{BlockConflict, Blocks, Reservation};
 use crate::mesh::Mesh;
@@ -14,6 +15,7 @@ pub struct StatusSource {
     pub host: String,
     pub blocks: Arc<Blocks>,
     pub mesh: Option<Arc<Mesh>>,
+    pub cluster_networks: Option<Arc<ClusterNetworks>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -35,6 +37,10 @@ pub struct Status {
     /// Which WireGuard carries the tunnel (several hosts only).
     #[serde(default)]
     pub wireguard: Option<crate::tunnel::Implementation>,
+    /// Cluster networks (`-o weft.scope=cluster`) and where they stand here; `None`
+    /// with `--docker-host none`.
+    #[serde(default)]
+    pub cluster_networks: Option<ClusterNetworksStatus>,
     /// Cluster records the mesh skipped because they are bad ("key: why").
     #[serde(default)]
     pub skipped_records: Vec<String>,
@@ -62,6 +68,10 @@ pub struct NetworkStatus {
     pub internal: bool,
     pub mtu: u32,
     pub name: Option<String>,
+    /// `local`, or the cluster network's state here (`cluster`, `cluster-unpublished`,
+    /// `cluster-withdrawn`).
+    #[serde(default)]
+    pub scope: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -94,6 +104,13 @@ impl StatusSource {
                 internal: n.internal,
                 mtu: n.mtu,
                 name: n.name,
+                scope: match n.cluster {
+                    None => "local",
+                    Some(crate::schema::ClusterState::Member { .. }) => "cluster",
+                    Some(crate::schema::ClusterState::Unpublished) => "cluster-unpublished",
+                    Some(crate::schema::ClusterState::Withdrawn { .. }) => "cluster-withdrawn",
+                }
+                .into(),
             })
             .collect();
         let endpoints = driver
@@ -177,6 +194,10 @@ impl StatusSource {
             reservations,
             wireguard: self.mesh.as_ref().and_then(|m| m.tunnel().implementation()),
             skipped_records: self.mesh.as_ref().map(|m| m.skipped()).unwrap_or_default(),
+            cluster_networks: match &self.cluster_networks {
+                Some(c) => Some(c.status().await),
+                None => None,
+            },
             errors,
         })
     }
@@ -239,14 +260,36 @@ pub fn render(s: &Status) -> String {
     for n in &s.networks {
         let _ = writeln!(
             out,
-            "  {:<14} {:<18} gateway {:<15} mtu {:<5} {}{}",
+            "  {:<14} {:<18} gateway {:<15} mtu {:<5} {:<8} {}{}",
             n.id,
             n.subnet,
             n.gateway.as_deref().unwrap_or("-"),
             n.mtu,
+            n.scope,
             if n.internal { "internal " } else { "" },
             n.name.as_deref().unwrap_or("")
         );
+    }
+    if let Some(c) = &s.cluster_networks {
+        let _ = writeln!(out, "\nCLUSTER NETWORKS");
+        for n in &c.networks {
+            let _ = writeln!(
+                out,
+                "  {:<20} {:<18} uid {:<16} from {:<16} here: {}  hosts: {}",
+                n.name,
+                n.subnet,
+                n.uid,
+                n.origin_host,
+                n.here,
+                n.hosts.join(" ")
+            );
+        }
+        for k in &c.kept {
+            let _ = writeln!(out, "  kept: {k}");
+        }
+        for p in &c.problems {
+            let _ = writeln!(out, "\nCLUSTER NETWORK PROBLEM: {p}");
+        }
     }
     let _ = writeln!(
         out,

@@ -117,7 +117,7 @@ lab_weft_start() {
   local cluster=()
   [ -f "$LAB_ROOT/etcd.pid" ] && cluster=(--etcd-endpoints http://192.0.2.1:2379 --host-ttl "${WEFT_HOST_TTL:-4}")
   lab_spawn "$host" "$dir/weft.log" env WEFT_LOG="${WEFT_LOG:-info,weft=debug}" "$WEFT_BIN" daemon \
-    --state-dir "$dir/state" --reconcile-interval "${WEFT_RECONCILE_INTERVAL:-2}" "${cluster[@]}" >"$dir/weft.pid"
+    --state-dir "$dir/state" --docker-host "unix://$dir/docker.sock" --reconcile-interval "${WEFT_RECONCILE_INTERVAL:-2}" "${cluster[@]}" >"$dir/weft.pid"
   for _ in $(seq 100); do
     # Ready means answering, not just a socket file (a stale one may be there).
     lab_exec "$host" curl -sf --max-time 1 --unix-socket /run/docker/plugins/weft.sock \

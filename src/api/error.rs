@@ -25,8 +25,9 @@ impl ApiError {
     fn is_internal(&self) -> bool {
         matches!(
             self,
-            ApiError::Driver(DriverError::Store(_) | DriverError::Datapath(_))
-                | ApiError::Ipam(IpamError::Store(_) | IpamError::Datapath(_))
+            ApiError::Driver(
+                DriverError::Store(_) | DriverError::Datapath(_) | DriverError::Unavailable(_)
+            ) | ApiError::Ipam(IpamError::Store(_) | IpamError::Datapath(_))
         )
     }
 }

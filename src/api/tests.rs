@@ -47,6 +47,7 @@ fn harness() -> Harness {
         host: "h1".into(),
         blocks,
         mesh: None,
+        cluster_networks: None,
     });
     Harness {
         app: router(AppState {

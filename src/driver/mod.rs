@@ -23,8 +23,8 @@ use crate::schema::keys;
 use crate::schema::unix_now;
 use crate::store::{Store, StoreError, StoreExt};
 
-pub use crate::schema::{EndpointRecord, NetworkRecord, OverlayRecord};
-pub use options::NetworkOptions;
+pub use crate::schema::{ClusterState, EndpointRecord, NetworkRecord, OverlayRecord};
+pub use options::{NetworkOptions, CLUSTER_UID};
 pub use publish::describe as describe_ports;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,8 @@ pub enum DriverError {
     Conflict(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -94,6 +96,8 @@ pub struct Driver {
     publishing: Mutex<()>,
     /// Reconcile passes so far (every [`THOROUGH_EVERY`]th sets every endpoint up again).
     passes: std::sync::atomic::AtomicU64,
+    /// Woken when a cluster-scope network is created or deleted here.
+    cluster_changes: Arc<tokio::sync::Notify>,
 }
 
 /// Every this many reconcile passes, the first among them, every endpoint is set up
@@ -155,7 +159,38 @@ impl Driver {
             syncing: Mutex::new(()),
             publishing: Mutex::new(()),
             passes: Default::default(),
+            cluster_changes: Default::default(),
         }
+    }
+
+    /// Notified when a cluster-scope network is created or deleted on this host.
+    pub fn cluster_changes(&self) -> Arc<tokio::sync::Notify> {
+        self.cluster_changes.clone()
+    }
+
+    /// Moves network `id` from cluster state `from` to `to`; false (and no change)
+    /// if it is gone or no longer in `from`.
+    pub async fn set_cluster_state(
+        &self,
+        id: &str,
+        from: &ClusterState,
+        to: ClusterState,
+    ) -> Result<bool, DriverError> {
+        let _net = self.locks.write(&lock_keys::network(id)).await;
+        let mut moved = false;
+        self.local
+            .modify_json::<NetworkRecord, DriverError, _>(&keys::network(id), |current| {
+                moved = false;
+                Ok(current.map(|mut n| {
+                    if n.cluster.as_ref() == Some(from) {
+                        n.cluster = Some(to.clone());
+                        moved = true;
+                    }
+                    n
+                }))
+            })
+            .await?;
+        Ok(moved)
     }
 
     /// Shares network identities with other hosts through `cluster`, as host `host`.
@@ -313,6 +348,7 @@ impl Driver {
             mtu,
             name: opts.name,
             host_access: opts.host_access,
+            cluster: opts.cluster,
         };
         // Claimed before the records are read: of two overlapping networks created at
         // once, the second sees the first here or its record below.
@@ -324,7 +360,17 @@ impl Driver {
         {
             let other = other.value;
             if other.id == record.id {
-                if other == record {
+                // A cluster network's state moves on after its creation.
+                let same_state = record.cluster == other.cluster
+                    || (record.cluster == Some(ClusterState::Unpublished)
+                        && other.cluster.is_some());
+                if same_state
+                    && other
+                        == (NetworkRecord {
+                            cluster: other.cluster.clone(),
+                            ..record.clone()
+                        })
+                {
                     return Ok(());
                 }
                 return Err(DriverError::Conflict(format!(
@@ -383,13 +429,34 @@ impl Driver {
             let _ = self.sync().await;
             return Err(e);
         }
-        info!(subnet = %record.subnet, mtu, internal = record.internal, "network created");
+        info!(subnet = %record.subnet, mtu, internal = record.internal, cluster = ?record.cluster, "network created");
+        if record.cluster.is_some() {
+            self.cluster_changes.notify_one();
+        }
         Ok(())
     }
 
     #[instrument(skip_all, fields(network = %short(network_id)))]
     pub async fn delete_network(&self, network_id: &str) -> Result<(), DriverError> {
         let _net = self.locks.write(&lock_keys::network(network_id)).await;
+        let record = self
+            .local
+            .get_json::<NetworkRecord>(&keys::network(network_id))
+            .await?;
+        // `docker network rm` of a cluster network removes it from every host: its
+        // record goes first, and if it cannot, the network stays here too.
+        if let Some(ClusterState::Member { uid }) =
+            record.as_ref().and_then(|r| r.value.cluster.as_ref())
+        {
+            crate::cluster_networks::records::remove(self.cluster.as_ref(), uid)
+                .await
+                .map_err(|e| {
+                    DriverError::Unavailable(format!(
+                        "cannot remove cluster network {uid} from the cluster store ({e}); the network stays on every host, try again"
+                    ))
+                })?;
+            info!(uid = %uid, "cluster network removed from every host's record");
+        }
         let mut errors = Vec::new();
         for ep in self.endpoints().await? {
             if ep.network_id == network_id {
@@ -400,11 +467,10 @@ impl Driver {
                 }
             }
         }
-        let record = self
-            .local
-            .get_json::<NetworkRecord>(&keys::network(network_id))
-            .await?;
         self.local.delete(&keys::network(network_id), None).await?;
+        if record.as_ref().is_some_and(|r| r.value.cluster.is_some()) {
+            self.cluster_changes.notify_one();
+        }
         if let Some(rec) = record {
             if let Err(e) = self.leave_overlay(rec.value.subnet).await {
                 errors.push(e);

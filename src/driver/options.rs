@@ -1,6 +1,7 @@
 //! The `-o` options of `docker network create` that weft understands.
 
 use crate::protocol::OptionsMap;
+use crate::schema::ClusterState;
 
 use super::DriverError;
 
@@ -9,6 +10,10 @@ pub const MTU_WEFT: &str = "weft.mtu";
 pub const NETWORK_NAME: &str = "weft.network";
 pub const ALLOW_ROUTE_OVERLAP: &str = "weft.allow-route-overlap";
 pub const HOST_ACCESS: &str = "weft.host-access";
+/// `local` (the default) or `cluster`: created once, weft creates it on every host.
+pub const SCOPE: &str = "weft.scope";
+/// Set by weft on the copies of a cluster network it creates on other hosts.
+pub const CLUSTER_UID: &str = "weft.cluster-uid";
 const GENERIC: &str = "com.docker.network.generic";
 const INTERNAL: &str = "com.docker.network.internal";
 const ENABLE_IPV6: &str = "com.docker.network.enable_ipv6";
@@ -24,6 +29,9 @@ pub struct NetworkOptions {
     /// Let the network's containers reach every address and port of their host (by
     /// default only their gateway, for ICMP).
     pub host_access: bool,
+    /// `-o weft.scope=cluster`: a user's original, or (with `weft.cluster-uid`) a
+    /// copy weft made of cluster network `uid`.
+    pub cluster: Option<ClusterState>,
 }
 
 /// Docker sends booleans as JSON booleans, but be lenient with strings.
@@ -67,6 +75,7 @@ impl NetworkOptions {
             Some(_) => return Err(DriverError::Invalid(format!("{GENERIC} must be an object"))),
         };
         let mut mtus = Vec::new();
+        let (mut cluster_scope, mut uid) = (false, None);
         for (key, value) in generic {
             let text = match value {
                 serde_json::Value::String(s) => s.clone(),
@@ -87,9 +96,31 @@ impl NetworkOptions {
                 }
                 ALLOW_ROUTE_OVERLAP => out.allow_route_overlap = parse_bool(key, &text)?,
                 HOST_ACCESS => out.host_access = parse_bool(key, &text)?,
+                SCOPE => {
+                    cluster_scope = match text.as_str() {
+                        "local" => false,
+                        "cluster" => true,
+                        _ => {
+                            return Err(DriverError::Invalid(format!(
+                                "-o {SCOPE}={text:?}: expected local or cluster"
+                            )))
+                        }
+                    }
+                }
+                CLUSTER_UID => {
+                    if text.is_empty()
+                        || text.len() > 64
+                        || !text.bytes().all(|b| b.is_ascii_alphanumeric())
+                    {
+                        return Err(DriverError::Invalid(format!(
+                            "-o {CLUSTER_UID}={text:?}: not a cluster network uid (weft sets this option itself)"
+                        )));
+                    }
+                    uid = Some(text);
+                }
                 k if k.starts_with("weft.") => {
                     return Err(DriverError::Invalid(format!(
-                        "unknown option -o {k} (weft knows {MTU_WEFT}, {MTU_DOCKER}, {NETWORK_NAME}, {ALLOW_ROUTE_OVERLAP} and {HOST_ACCESS})"
+                        "unknown option -o {k} (weft knows {MTU_WEFT}, {MTU_DOCKER}, {NETWORK_NAME}, {ALLOW_ROUTE_OVERLAP}, {HOST_ACCESS} and {SCOPE})"
                     )))
                 }
                 // Options meant for other tools (or daemon-wide defaults) are not ours to refuse.
@@ -104,6 +135,16 @@ impl NetworkOptions {
             }
         }
         out.mtu = mtus.first().map(|(_, m)| *m);
+        out.cluster = match (cluster_scope, uid) {
+            (false, None) => None,
+            (true, None) => Some(ClusterState::Unpublished),
+            (true, Some(uid)) => Some(ClusterState::Member { uid }),
+            (false, Some(_)) => {
+                return Err(DriverError::Invalid(format!(
+                    "-o {CLUSTER_UID} without -o {SCOPE}=cluster"
+                )))
+            }
+        };
         Ok(out)
     }
 }
@@ -134,8 +175,33 @@ mod tests {
                 ipv6: false,
                 allow_route_overlap: true,
                 host_access: true,
+                cluster: None,
             }
         );
+    }
+
+    #[test]
+    fn reads_the_scope_of_an_original_and_of_a_copy() {
+        let scope = |generic: serde_json::Value| {
+            NetworkOptions::parse(&opts(json!({ "com.docker.network.generic": generic })))
+                .map(|o| o.cluster)
+        };
+        assert_eq!(scope(json!({"weft.scope": "local"})).unwrap(), None);
+        assert_eq!(
+            scope(json!({"weft.scope": "cluster"})).unwrap(),
+            Some(ClusterState::Unpublished)
+        );
+        assert_eq!(
+            scope(json!({"weft.scope": "cluster", "weft.cluster-uid": "ab12"})).unwrap(),
+            Some(ClusterState::Member { uid: "ab12".into() })
+        );
+        for bad in [
+            json!({"weft.scope": "global"}),
+            json!({"weft.cluster-uid": "ab12"}),
+            json!({"weft.scope": "cluster", "weft.cluster-uid": "a/b"}),
+        ] {
+            assert!(scope(bad.clone()).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -735,3 +735,100 @@ async fn a_gone_containers_ports_do_not_block_its_restart() {
     );
     assert_eq!(published_in(&fake), ["0.0.0.0:8080->80/tcp->10.42.0.7:80"]);
 }
+
+#[tokio::test]
+async fn a_replayed_create_of_a_published_cluster_network_is_accepted() {
+    let (d, _, _) = setup();
+    let req = create_req(NET, "10.60.0.0/16", json!({"weft.scope": "cluster"}), false);
+    d.create_network(req.clone()).await.unwrap();
+    let member = ClusterState::Member { uid: "ab12".into() };
+    assert!(d
+        .set_cluster_state(NET, &ClusterState::Unpublished, member.clone())
+        .await
+        .unwrap());
+    d.create_network(req).await.unwrap();
+    assert_eq!(d.network(NET).await.unwrap().cluster, Some(member));
+    // A different scope for the same ID is a different network.
+    let local = create_req(NET, "10.60.0.0/16", json!({}), false);
+    assert!(matches!(
+        d.create_network(local).await,
+        Err(DriverError::Conflict(_))
+    ));
+}
+
+#[tokio::test]
+async fn removing_a_cluster_network_while_the_cluster_store_is_down_keeps_it_here() {
+    let cluster = Arc::new(crate::store::switchable::Switchable::new());
+    let (d, _, _) = setup();
+    let d = d.with_cluster(cluster.clone(), "h1".into());
+    // This host's copy of cluster network ab12.
+    let copy = || {
+        create_req(
+            NET,
+            "10.61.0.0/16",
+            json!({"weft.scope": "cluster", "weft.cluster-uid": "ab12"}),
+            false,
+        )
+    };
+    d.create_network(copy()).await.unwrap();
+    let record = crate::schema::ClusterNetworkRecord {
+        uid: "ab12".into(),
+        spec: crate::schema::ClusterNetworkSpec {
+            name: "app".into(),
+            driver: "weft".into(),
+            ipam_driver: "weft".into(),
+            subnet: "10.61.0.0/16".parse().unwrap(),
+            ip_range: None,
+            gateway: None,
+            aux_addresses: Default::default(),
+            internal: false,
+            options: Default::default(),
+            labels: Default::default(),
+        },
+        origin_host: "h2".into(),
+        origin_network: "x".into(),
+    };
+    cluster
+        .create_json(&keys::cluster_network("app"), &record)
+        .await
+        .unwrap();
+    cluster
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = d.delete_network(NET).await.unwrap_err();
+    assert!(
+        matches!(&err, DriverError::Unavailable(m) if m.contains("try again")),
+        "{err}"
+    );
+    assert!(d.network(NET).await.is_ok(), "the network stays");
+    cluster
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    d.delete_network(NET).await.unwrap();
+    assert!(cluster
+        .get(&keys::cluster_network("app"))
+        .await
+        .unwrap()
+        .is_none());
+
+    // A withdrawn network's removal touches no record (a later network of the name).
+    d.create_network(copy()).await.unwrap();
+    let later = crate::schema::ClusterNetworkRecord {
+        uid: "cd34".into(),
+        ..record
+    };
+    cluster
+        .create_json(&keys::cluster_network("app"), &later)
+        .await
+        .unwrap();
+    let member = ClusterState::Member { uid: "ab12".into() };
+    d.set_cluster_state(NET, &member, ClusterState::Withdrawn { uid: "ab12".into() })
+        .await
+        .unwrap();
+    d.delete_network(NET).await.unwrap();
+    assert!(cluster
+        .get(&keys::cluster_network("app"))
+        .await
+        .unwrap()
+        .is_some());
+}

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use super::*;
 use crate::datapath::fake::FakeDatapath;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::switchable::Switchable;
 
 struct Host {
     ipam: Arc<Ipam>,
@@ -393,71 +394,9 @@ async fn empty_blocks_are_released_and_pool_release_cleans_up() {
     assert!(h.local.list(keys::ADDRESSES).await.unwrap().is_empty());
 }
 
-/// A cluster store that can be switched off, like an unreachable etcd.
-struct Switchable {
-    inner: EmbeddedStore,
-    down: std::sync::atomic::AtomicBool,
-}
-
-impl Switchable {
-    fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(StoreError::Unavailable(
-                "etcd get: no answer within 3s".into(),
-            ))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for Switchable {
-    async fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, StoreError> {
-        self.check()?;
-        self.inner.get(key).await
-    }
-    async fn list(
-        &self,
-        prefix: &str,
-    ) -> Result<Vec<(String, crate::store::Versioned)>, StoreError> {
-        self.check()?;
-        self.inner.list(prefix).await
-    }
-    async fn create(&self, key: &str, value: Vec<u8>) -> Result<Option<u64>, StoreError> {
-        self.check()?;
-        self.inner.create(key, value).await
-    }
-    async fn update(
-        &self,
-        key: &str,
-        expected: u64,
-        value: Vec<u8>,
-    ) -> Result<Option<u64>, StoreError> {
-        self.check()?;
-        self.inner.update(key, expected, value).await
-    }
-    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.delete(key, expected).await
-    }
-    async fn put_expiring(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        ttl: std::time::Duration,
-    ) -> Result<u64, StoreError> {
-        self.check()?;
-        self.inner.put_expiring(key, value, ttl).await
-    }
-}
-
 /// Host h1 on a cluster store that can be switched off.
 fn host_on_switchable_store() -> (Arc<Switchable>, Host) {
-    let cluster = Arc::new(Switchable {
-        inner: EmbeddedStore::in_memory(),
-        down: Default::default(),
-    });
+    let cluster = Arc::new(Switchable::new());
     let local = Arc::new(EmbeddedStore::in_memory());
     let ipam = Ipam::new(
         cluster.clone(),
@@ -631,10 +570,7 @@ async fn a_block_another_host_owns_is_a_conflict_and_serves_no_address() {
 /// only while its seen/ lease is certainly alive in the store.
 #[tokio::test]
 async fn owned_blocks_serve_offline_only_while_the_seen_lease_holds() {
-    let cluster = Arc::new(Switchable {
-        inner: EmbeddedStore::in_memory(),
-        down: Default::default(),
-    });
+    let cluster = Arc::new(Switchable::new());
     let local = Arc::new(EmbeddedStore::in_memory());
     let tenure = Arc::new(crate::cluster::Tenure::clustered());
     tenure.registered();

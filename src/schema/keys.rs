@@ -3,7 +3,7 @@
 //! relative: a store may put them under a prefix.
 //!
 //! Cluster-wide (shared by hosts): `pools/`, `blocks/`, `reserved/`, `hosts/`,
-//! `overlays/`, `seen/`.
+//! `overlays/`, `seen/`, `cluster-networks/`.
 //! Host-local: `networks/`, `endpoints/`, `addresses/`. CIDRs are written with `_`
 //! instead of `/` so that a key segment never contains a slash.
 
@@ -21,6 +21,7 @@ pub const HOSTS: &str = "hosts/";
 pub const OVERLAYS: &str = "overlays/";
 pub const SEEN: &str = "seen/";
 pub const RESERVED: &str = "reserved/";
+pub const CLUSTER_NETWORKS: &str = "cluster-networks/";
 
 /// One stored key, decoded.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -39,6 +40,8 @@ pub enum Key {
     Overlay(Ipv4Network),
     Host(String),
     Seen(String),
+    /// A network created once for every host (`-o weft.scope=cluster`), by name.
+    ClusterNetwork(String),
     Network(String),
     Endpoint(String),
     Address {
@@ -75,6 +78,7 @@ impl Key {
             ("overlays", [s]) => Key::Overlay(parse_segment(s)?),
             ("hosts", [id]) => Key::Host(parse_id(id)?),
             ("seen", [id]) => Key::Seen(parse_id(id)?),
+            ("cluster-networks", [name]) => Key::ClusterNetwork(parse_id(name)?),
             ("networks", [id]) => Key::Network(parse_id(id)?),
             ("endpoints", [id]) => Key::Endpoint(parse_id(id)?),
             ("addresses", [p, ip]) => {
@@ -112,6 +116,7 @@ impl fmt::Display for Key {
             Key::Overlay(s) => write!(f, "{OVERLAYS}{}", cidr_segment(*s)),
             Key::Host(id) => write!(f, "{HOSTS}{id}"),
             Key::Seen(id) => write!(f, "{SEEN}{id}"),
+            Key::ClusterNetwork(name) => write!(f, "{CLUSTER_NETWORKS}{name}"),
             Key::Network(id) => write!(f, "{NETWORKS}{id}"),
             Key::Endpoint(id) => write!(f, "{ENDPOINTS}{id}"),
             Key::Address { pool, ip } => write!(f, "{ADDRESSES}{}/{ip}", cidr_segment(*pool)),
@@ -187,6 +192,10 @@ pub fn host(id: &str) -> String {
     Key::Host(id.to_string()).to_string()
 }
 
+pub fn cluster_network(name: &str) -> String {
+    Key::ClusterNetwork(name.to_string()).to_string()
+}
+
 pub fn network(id: &str) -> String {
     Key::Network(id.to_string()).to_string()
 }
@@ -224,6 +233,7 @@ mod tests {
             Key::Overlay(pool),
             Key::Host("ab12".into()),
             Key::Seen("ab12".into()),
+            Key::ClusterNetwork("app.net-1".into()),
             Key::Network("n1".into()),
             Key::Endpoint("e1".into()),
             Key::Address {
@@ -246,6 +256,8 @@ mod tests {
             "blocks/10.42.0.0_16/10.0.0.0_8",
             "blocks/10.42.0.0_16/10.42.0.0_26/x",
             "hosts/",
+            "cluster-networks/",
+            "cluster-networks/a/b",
             "reserved/10.42.0.0_16/10.42.0.0_26",
             "reserved/10.42.0.0_16/10.43.0.0_26/ab12",
             "reserved/10.42.0.0_16/10.42.0.0_26/",

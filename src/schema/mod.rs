@@ -126,6 +126,61 @@ pub struct SeenRecord {
     pub last_seen: u64,
 }
 
+/// A network created once for the whole cluster (`cluster-networks/<name>`): weft
+/// creates it in every host's dockerd. `uid` tells this network from a later one of
+/// the same name, so that a copy of a removed network never comes back as an original.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterNetworkRecord {
+    pub uid: String,
+    pub spec: ClusterNetworkSpec,
+    /// The host and Docker network ID it was first created as.
+    pub origin_host: String,
+    pub origin_network: String,
+}
+
+/// A cluster network as `docker network create -d weft --ipam-driver weft` takes it,
+/// read from the dockerd it was created in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterNetworkSpec {
+    pub name: String,
+    /// The driver and IPAM driver names weft has in the dockerd it was read from
+    /// (`weft`; `weft:latest` for the managed plugin). Each host creates its copy
+    /// under the names weft has there, when it knows them.
+    #[serde(default = "weft_name")]
+    pub driver: String,
+    #[serde(default = "weft_name")]
+    pub ipam_driver: String,
+    pub subnet: Ipv4Network,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_range: Option<Ipv4Network>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    /// `--aux-address`: name -> address.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub aux_addresses: BTreeMap<String, Ipv4Addr>,
+    pub internal: bool,
+    /// The driver options (`-o`), the MTU and `weft.scope=cluster` among them.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn weft_name() -> String {
+    "weft".into()
+}
+
+impl ClusterNetworkSpec {
+    /// Whether a network of this spec is the same network as `other` (what carries
+    /// traffic: subnet, range, gateway, internal), whatever its labels.
+    pub fn same_network(&self, other: &ClusterNetworkSpec) -> bool {
+        self.subnet == other.subnet
+            && self.ip_range == other.ip_range
+            && self.internal == other.internal
+            && (self.gateway.is_none() || other.gateway.is_none() || self.gateway == other.gateway)
+    }
+}
+
 // ---- local records ----
 
 /// A Docker network on this host (`networks/<NetworkID>`).
@@ -141,6 +196,24 @@ pub struct NetworkRecord {
     /// `-o weft.host-access=true`: containers may reach every address of the host.
     #[serde(default)]
     pub host_access: bool,
+    /// `-o weft.scope=cluster`: where it stands as one of the cluster's networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterState>,
+}
+
+/// A local network's part in a cluster network ([`ClusterNetworkRecord`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum ClusterState {
+    /// Created here by a user; weft has yet to learn its name from dockerd and
+    /// record it for the other hosts (or it clashes with a cluster network).
+    Unpublished,
+    /// This host's instance of cluster network `uid`: removing it here removes the
+    /// network everywhere.
+    Member { uid: String },
+    /// Its cluster network was removed (or replaced): weft removes it from this
+    /// host's dockerd once no container uses it, and removing it touches no record.
+    Withdrawn { uid: String },
 }
 
 #[cfg(test)]
@@ -155,6 +228,7 @@ impl NetworkRecord {
             mtu: 1420,
             name: None,
             host_access: false,
+            cluster: None,
         }
     }
 }
@@ -188,6 +262,14 @@ pub struct AddressRecord {
     /// records written before weft kept it).
     #[serde(default)]
     pub since: u64,
+}
+
+/// 16 random hex digits: a host's id, a cluster network's uid.
+pub fn random_id() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Seconds since the Unix epoch on this host's clock. Only ever compared with

@@ -9,6 +9,8 @@
 pub mod contract;
 pub mod embedded;
 pub mod etcd;
+#[cfg(test)]
+pub mod switchable;
 
 use async_trait::async_trait;
 use serde::{de::DeserializeOwned, Serialize};

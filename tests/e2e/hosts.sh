@@ -9,3 +9,7 @@ ip_of() { D "$1" inspect -f "{{(index .NetworkSettings.Networks \"$3\").IPAddres
 run_bb() { local h=$1; shift; D "$h" run -d --name "$@" "$LAB_IMAGE" sleep 3600 >/dev/null; }
 # pings HOST CONTAINER ADDRESS [COUNT]
 pings() { D "$1" exec "$2" ping -c "${4:-1}" -W 2 "$3" >/dev/null 2>&1; }
+# weft_status HOST: `weft status --json` of the weft daemon on HOST.
+weft_status() { lab_exec "$1" "$WEFT_BIN" status --json; }
+# has_network HOST NAME: HOST's dockerd has a network called NAME.
+has_network() { D "$1" network inspect "$2" >/dev/null 2>&1; }

@@ -267,6 +267,81 @@ test_a_port_is_published_on_the_host_where_its_container_runs() {
     fail "a container on h1 cannot fetch the port published on h2"
 }
 
+# Cluster networks (issue 12, create once): created on h1, h2's dockerd has it within
+# 2 s with the same settings, and containers on the two copies reach each other.
+test_cluster_network_is_created_once_for_every_host() {
+  local started lag
+  started=$(date +%s%N)
+  D h1 network create -d weft --ipam-driver weft --subnet 10.90.0.0/22 --ip-range 10.90.1.0/24 \
+    --label team=blue -o weft.scope=cluster shared >/dev/null
+  until has_network h2 shared; do
+    [ $(( ($(date +%s%N) - started) / 1000000 )) -lt 10000 ] || fail "h2 never got the network"
+    sleep 0.05
+  done
+  lag=$(( ($(date +%s%N) - started) / 1000000 ))
+  echo "    on h2 ${lag} ms after docker network create began on h1"
+  [ "$lag" -le 2000 ] || fail "propagation took ${lag} ms (bound 2000 ms)"
+  [ "$(D h2 network inspect -f '{{.Driver}} {{(index .IPAM.Config 0).Subnet}} {{(index .IPAM.Config 0).IPRange}} {{.Labels.team}}' shared)" = \
+    "weft 10.90.0.0/22 10.90.1.0/24 blue" ] || fail "h2's copy differs: $(D h2 network inspect shared)"
+  run_bb h1 s1 --network shared
+  run_bb h2 s2 --network shared
+  case "$(ip_of h2 s2 shared)" in 10.90.1.*) ;; *) fail "address outside the ip-range: $(ip_of h2 s2 shared)" ;; esac
+  retry 25 pings h2 s2 "$(ip_of h1 s1 shared)" || fail "no traffic between the copies"
+  # Each host's status shows it, present here, on both hosts.
+  weft_status h1 | jq -e '.cluster_networks.networks[] | select(.name == "shared") |
+    .here == "present" and (.hosts | length) == 2' >/dev/null ||
+    fail "h1's status: $(weft_status h1 | jq -c .cluster_networks)"
+  weft_status h2 | jq -e '.networks[] | select(.subnet == "10.90.0.0/22") | .scope == "cluster"' >/dev/null ||
+    fail "h2's status does not show its copy as a cluster network"
+}
+
+clash_reported_on_h2() {
+  weft_status h2 | jq -e '.cluster_networks.problems | any(contains("taken") and contains("driver bridge"))' >/dev/null
+}
+
+# A name clash on a host is reported there (status and log) and never overwrites the
+# network that has the name.
+test_cluster_network_name_clash_is_reported_never_overwritten() {
+  trap 'trap - ERR; set +e; D h1 network rm taken >/dev/null 2>&1; D h2 network rm taken >/dev/null 2>&1' EXIT
+  local before
+  D h2 network create --subnet 172.29.0.0/24 taken >/dev/null
+  before=$(D h2 network inspect -f '{{.Id}}' taken)
+  D h1 network create -d weft --ipam-driver weft --subnet 10.91.0.0/24 -o weft.scope=cluster taken >/dev/null
+  retry 25 clash_reported_on_h2 ||
+    fail "no clash in h2's status: $(weft_status h2 | jq -c .cluster_networks)"
+  grep -q 'problem=.*taken.*driver bridge' "$(lab_dir h2)/weft.log" || fail "no clash in h2's log"
+  [ "$(D h2 network inspect -f '{{.Id}} {{.Driver}}' taken)" = "$before bridge" ] || fail "h2's network was replaced"
+}
+
+# docker network rm on any host removes it from every host, except one where a
+# container still uses it, which keeps it until the container is gone.
+test_cluster_network_removed_everywhere_but_where_still_used() {
+  trap 'trap - ERR; set +e; D h1 rm -f b1 >/dev/null 2>&1; D h1 network rm brief >/dev/null 2>&1; D h2 network rm brief >/dev/null 2>&1' EXIT
+  D h1 network create -d weft --ipam-driver weft --subnet 10.92.0.0/24 -o weft.scope=cluster brief >/dev/null
+  retry 10 has_network h2 brief || fail "h2 never got the network"
+  run_bb h1 b1 --network brief
+  # Removed on h2, a host that got a copy: gone there, kept on h1 while b1 runs.
+  D h2 network rm brief >/dev/null
+  sleep 2
+  has_network h2 brief && fail "it came back on h2"
+  has_network h1 brief || fail "h1 removed it under a running container"
+  weft_status h1 | jq -e '.cluster_networks.kept | any(contains("brief"))' >/dev/null ||
+    fail "h1's status does not say it is kept: $(weft_status h1 | jq -c .cluster_networks)"
+  D h1 rm -f b1 >/dev/null
+  retry 40 sh -c "! docker -H unix://$(lab_dir h1)/docker.sock network inspect brief >/dev/null 2>&1" ||
+    fail "h1 kept it after its container was gone"
+  sleep 1
+  has_network h2 brief && fail "it came back on h2"
+  weft_status h1 | jq -e '.cluster_networks.networks | all(.name != "brief")' >/dev/null
+}
+
+# A host that joins later gets the cluster networks (h3, from the late-host test).
+test_cluster_network_reaches_a_host_that_joins_later() {
+  retry 10 has_network h3 shared || fail "h3 never got the network"
+  run_bb h3 s3 --network shared
+  retry 25 pings h3 s3 "$(ip_of h1 s1 shared)" || fail "no traffic from h3's copy"
+}
+
 main() {
   [ "$(id -u)" = 0 ] || { echo "multi_host: needs root"; exit 1; }
   [ -x "$WEFT_BIN" ] || { echo "multi_host: build $WEFT_BIN first"; exit 1; }
@@ -280,8 +355,12 @@ main() {
     test_networks_stay_isolated_across_hosts \
     test_remote_blocks_are_routed_only_for_pools_this_host_has_a_network_in \
     test_a_port_is_published_on_the_host_where_its_container_runs \
+    test_cluster_network_is_created_once_for_every_host \
+    test_cluster_network_name_clash_is_reported_never_overwritten \
+    test_cluster_network_removed_everywhere_but_where_still_used \
     test_weft_restart_during_cross_host_ping_loses_nothing \
     test_late_host_converges_within_a_second \
+    test_cluster_network_reaches_a_host_that_joins_later \
     test_a_vanished_host_is_evicted \
     test_traffic_survives_etcd_loss_and_weft_recovers; do
     run_test "$t"

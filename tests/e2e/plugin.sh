@@ -19,7 +19,7 @@ source "$REPO/tests/e2e/hosts.sh"
 install_plugin() {
   local h=$1; shift
   D "$h" plugin create weft "$BUNDLE" >/dev/null
-  D "$h" plugin set weft state.source="$(lab_dir "$h")/state" "$@"
+  D "$h" plugin set weft state.source="$(lab_dir "$h")/state" docker.source="$(lab_dir "$h")/docker.sock" "$@"
   D "$h" plugin enable weft >/dev/null
 }
 
@@ -83,6 +83,15 @@ test_two_hosts_with_the_managed_plugin_and_etcd() {
   [ "$(ip_of q1 qa mesh)" != "$(ip_of q2 qb mesh)" ]
   retry 25 pings q1 qa "$(ip_of q2 qb mesh)"
   pings q2 qb "$(ip_of q1 qa mesh)" 3
+  # A cluster network: the plugin reaches dockerd through its `docker` mount, and the
+  # copy on q2 is made under the plugin's driver name.
+  D q1 network create -d $DRV --ipam-driver $DRV --subnet 10.51.0.0/24 -o weft.scope=cluster everywhere >/dev/null
+  retry 25 has_network q2 everywhere || fail "q2 never got the cluster network"
+  [ "$(D q2 network inspect -f '{{.Driver}} {{.IPAM.Driver}}' everywhere)" = "$DRV $DRV" ] ||
+    fail "q2's copy: $(D q2 network inspect -f '{{.Driver}} {{.IPAM.Driver}}' everywhere)"
+  run_bb q2 qc --network everywhere
+  run_bb q1 qd --network everywhere
+  retry 25 pings q2 qc "$(ip_of q1 qd everywhere)"
 }
 
 # A user installs from a registry: create + push, rm, then install --alias weft. The
@@ -109,7 +118,7 @@ YML
   D r1 plugin push "$ref" >/dev/null
   D r1 plugin rm "$ref" >/dev/null
   D r1 plugin install --alias weft --grant-all-permissions --disable "$ref" >/dev/null
-  D r1 plugin set weft state.source="$(lab_dir r1)/state"
+  D r1 plugin set weft state.source="$(lab_dir r1)/state" docker.source="$(lab_dir r1)/docker.sock"
   D r1 plugin enable weft >/dev/null
   [ "$(D r1 plugin inspect -f '{{.Name}}' weft)" = weft:latest ]
   out=$(D r1 network create -d weft --ipam-driver weft --subnet 10.44.0.0/16 bare 2>&1) &&

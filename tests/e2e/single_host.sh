@@ -445,6 +445,23 @@ test_sigterm_removes_the_socket_and_a_stale_one_is_replaced() {
   HX curl -sf --unix-socket /run/docker/plugins/weft.sock -X POST http://p/Plugin.Activate >/dev/null
 }
 
+cluster_status() { HX "$WEFT_BIN" status --json | jq -c .cluster_networks; }
+cluster_status_has() { cluster_status | jq -e "$1" >/dev/null; }
+
+# The Engine API side of cluster networks on this engine: weft reads the network's
+# name and settings from dockerd and records it; docker network rm forgets it.
+test_a_cluster_network_is_recorded_from_dockerd_and_forgotten_on_rm() {
+  trap 'trap - ERR; set +e; D network rm everywhere >/dev/null 2>&1' EXIT
+  D network create -d weft --ipam-driver weft --subnet 10.93.0.0/24 --ip-range 10.93.0.64/26 \
+    -o weft.scope=cluster everywhere >/dev/null
+  retry 10 cluster_status_has '.networks | any(.name == "everywhere" and .subnet == "10.93.0.0/24" and .here == "present")' ||
+    fail "not recorded within 2 s: $(cluster_status)"
+  cluster_status | jq -e '.problems == []' >/dev/null || fail "problems: $(cluster_status)"
+  HX "$WEFT_BIN" status --json | jq -e '.networks | any(.subnet == "10.93.0.0/24" and .scope == "cluster")' >/dev/null
+  D network rm everywhere >/dev/null
+  retry 10 cluster_status_has '.networks | all(.name != "everywhere")' || fail "still recorded after rm: $(cluster_status)"
+}
+
 main() {
   [ "$(id -u)" = 0 ] || { echo "single_host: needs root"; exit 1; }
   [ -x "$WEFT_BIN" ] || { echo "single_host: build $WEFT_BIN first"; exit 1; }
@@ -471,6 +488,7 @@ main() {
     test_published_ports_are_reached_from_the_underlay_the_host_and_by_hairpin \
     test_a_port_conflict_is_refused_and_removal_leaves_no_rule \
     test_kill_9_keeps_published_ports \
+    test_a_cluster_network_is_recorded_from_dockerd_and_forgotten_on_rm \
     test_sigterm_removes_the_socket_and_a_stale_one_is_replaced \
     test_removal_leaves_nothing_behind; do
     run_test "$t"
