@@ -388,6 +388,44 @@ PY
 }
 small=("$(join_lag h3 3 h1 h2)")
 record "join convergence, 3-host lab (registration to programmed on all others)" s "${small[@]}"
+
+# A cluster network (-o weft.scope=cluster) created on h1, until h2's dockerd has it
+# (its API polled every 10 ms; h3 runs no dockerd); the baseline is the same
+# `docker network create` of a network of h1's alone.
+# networks_present NAME SOCKET…: the time at which every SOCKET's dockerd has NAME.
+networks_present() {
+  python3 - "$@" <<'PY'
+import socket, sys, time
+name, socks = sys.argv[1], sys.argv[2:]
+def has(path):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(path)
+    s.sendall(f"GET /v1.41/networks/{name} HTTP/1.0\r\n\r\n".encode())
+    head = s.recv(64); s.close()
+    return b" 200 " in head
+start = time.time()
+while time.time() - start < 30:
+    if all(has(p) for p in socks):
+        print(f"{time.time():.4f}"); sys.exit(0)
+    time.sleep(0.01)
+sys.exit(1)
+PY
+}
+local_create=() propagated=()
+for i in $(seq "$RUNS"); do
+  t0=$(date +%s.%N)
+  D h1 network create -d weft --ipam-driver weft --subnet "10.120.$i.0/24" "solo$i" >/dev/null
+  t1=$(date +%s.%N)
+  local_create+=("$(python3 -c "print(($t1 - $t0) * 1000)")")
+  D h1 network rm "solo$i" >/dev/null
+  t0=$(date +%s.%N)
+  D h1 network create -d weft --ipam-driver weft --subnet "10.121.$i.0/24" -o weft.scope=cluster "every$i" >/dev/null
+  t1=$(networks_present "every$i" "$(lab_dir h2)/docker.sock") || { log "every$i never reached h2"; continue; }
+  propagated+=("$(python3 -c "print(($t1 - $t0) * 1000)")")
+  D h1 network rm "every$i" >/dev/null
+done
+record "docker network create, a weft network of one host" ms "${local_create[@]}"
+[ "${#propagated[@]}" = 0 ] ||
+  record "cluster network: docker network create on h1 until h2's dockerd has it" ms --baseline "docker network create, a weft network of one host" "${propagated[@]}"
 others=(h1 h2 h3)
 for i in $(seq 4 $((BIG - 1))); do LAB_DOCKERD=0 lab_host_up "h$i" "$i" >/dev/null; others+=("h$i"); done
 sleep 2
