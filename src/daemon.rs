@@ -260,7 +260,6 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 networks.wake(),
             ));
         }
-        tokio::spawn(networks.clone().run(CLUSTER_NETWORKS_EVERY));
         Some(networks)
     };
     let mesh = match clustered {
@@ -316,6 +315,10 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
 
     let listener = bind(&config.socket).await?;
     info!(socket = %config.socket.display(), "serving the Docker plugin API");
+    // Only now: what it asks of dockerd makes dockerd call this socket.
+    if let Some(networks) = &cluster_networks {
+        tokio::spawn(networks.clone().run(CLUSTER_NETWORKS_EVERY));
+    }
 
     let reconciler = {
         let driver = driver.clone();

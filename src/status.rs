@@ -69,7 +69,7 @@ pub struct NetworkStatus {
     pub mtu: u32,
     pub name: Option<String>,
     /// `local`, or the cluster network's state here (`cluster`, `cluster-unpublished`,
-    /// `cluster-withdrawn`).
+    /// `cluster-joining`, `cluster-withdrawn`).
     #[serde(default)]
     pub scope: String,
 }
@@ -108,6 +108,7 @@ impl StatusSource {
                     None => "local",
                     Some(crate::schema::ClusterState::Member { .. }) => "cluster",
                     Some(crate::schema::ClusterState::Unpublished) => "cluster-unpublished",
+                    Some(crate::schema::ClusterState::Joining { .. }) => "cluster-joining",
                     Some(crate::schema::ClusterState::Withdrawn { .. }) => "cluster-withdrawn",
                 }
                 .into(),

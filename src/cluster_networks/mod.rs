@@ -12,7 +12,7 @@ pub mod records;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -33,6 +33,8 @@ pub enum ClusterNetworksError {
     Engine(#[from] EngineError),
     #[error("no random uid: {0}")]
     Random(std::io::Error),
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What `weft status` shows of cluster networks.
@@ -73,7 +75,20 @@ pub struct ClusterNetworks {
     engine: Arc<dyn Engine>,
     wake: Arc<Notify>,
     last: Mutex<ClusterNetworksStatus>,
+    /// Cluster networks dockerd refused to create here, by uid: how often in a row,
+    /// and when to try again (backing off from one pass period to [`MAX_BACKOFF`]).
+    refused: Mutex<BTreeMap<String, (u32, Instant)>>,
+    /// Unpublished networks dockerd does not list yet, by ID: since when.
+    unlisted: Mutex<BTreeMap<String, Instant>>,
 }
+
+/// The first wait before creating again a network dockerd refused.
+const CREATE_RETRY: Duration = Duration::from_secs(5);
+/// The longest wait before creating again a network dockerd refused.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How long a network created here may stay missing from dockerd's list (dockerd
+/// commits it after the driver's reply) before weft stops looking out for it.
+const UNLISTED_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The pass's view of this host's dockerd and weft networks.
 struct Here {
@@ -88,13 +103,14 @@ impl Here {
     fn local(&self, id: &str) -> Option<&NetworkRecord> {
         self.local.iter().find(|n| n.id == id)
     }
-    /// The driver and IPAM driver names weft has in this dockerd, if a weft network
-    /// shows them (`weft`, or `weft:latest` for the managed plugin).
-    fn weft_names(&self) -> Option<(String, String)> {
+    /// The name weft has in this dockerd (`weft`, or `weft:latest` for the managed
+    /// plugin; the same for the network and the IPAM driver), if a weft network shows
+    /// it.
+    fn weft_name(&self) -> Option<String> {
         self.docker
             .iter()
-            .filter(|d| self.local(&d.id).is_some())
-            .find_map(|d| Some((d.driver.clone(), d.spec.as_ref()?.ipam_driver.clone())))
+            .find(|d| self.local(&d.id).is_some())
+            .map(|d| d.driver.clone())
     }
 }
 
@@ -112,6 +128,8 @@ impl ClusterNetworks {
             driver,
             engine,
             last: Mutex::new(ClusterNetworksStatus::default()),
+            refused: Mutex::default(),
+            unlisted: Mutex::default(),
         }
     }
 
@@ -140,8 +158,11 @@ impl ClusterNetworks {
                         debug!(error = %e, "cluster networks not reconciled");
                     }
                     failing = true;
-                    self.last.lock().unwrap_or_else(|p| p.into_inner()).problems =
-                        vec![format!("not reconciled: {e}")];
+                    let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+                    last.problems = vec![format!("not reconciled: {e}")];
+                    for n in &mut last.networks {
+                        n.here = "unknown: the last pass failed".into();
+                    }
                     true
                 }
             };
@@ -167,24 +188,31 @@ impl ClusterNetworks {
     pub async fn pass(&self) -> Result<PassOutcome, ClusterNetworksError> {
         let mut outcome = PassOutcome::default();
         let mut problems = Vec::new();
-        let (mut records, skipped) = records::list(self.cluster.as_ref()).await?;
-        problems.extend(
-            skipped
-                .into_iter()
-                .map(|s| format!("skipped a bad record: {s}")),
-        );
+        let pending = self.driver.retry_cluster_removals().await?;
+        problems.extend(pending.iter().map(|uid| {
+            format!("cluster network {uid} was removed here; its record goes once the cluster store answers")
+        }));
+        // This host first, the records second: a network removed in between (record,
+        // then dockerd's) is then never created again from a record read before.
         let mut here = Here {
             docker: self.engine.networks().await?,
             local: self.driver.networks().await?,
         };
-
-        if self
+        let (mut records, skipped) = records::list(self.cluster.as_ref()).await?;
+        records.retain(|r| !pending.contains(&r.value.uid));
+        problems.extend(skipped.iter().map(|s| format!("skipped a bad record: {s}")));
+        let published = self
             .publish(&here, &mut records, &mut problems, &mut outcome)
-            .await?
-        {
+            .await?;
+        if published | self.promote(&here).await? {
             here.local = self.driver.networks().await?;
         }
-        let (kept, removed) = self.withdraw(&here, &records, &mut problems).await?;
+        // A record that does not decode may be one of ours: withdraw nothing then.
+        let (kept, removed) = if skipped.is_empty() {
+            self.withdraw(&here, &records, &mut problems).await?
+        } else {
+            (Vec::new(), false)
+        };
         if removed {
             // The name may be free now for the network that replaced it.
             here.docker = self.engine.networks().await?;
@@ -194,10 +222,8 @@ impl ClusterNetworks {
         for r in &records {
             let state = match self.converge(&here, &r.value).await {
                 Ok(state) => state,
-                Err(e) => {
-                    outcome.again_soon = true;
-                    format!("not created here: {e}")
-                }
+                // Tried again on the next pass (a refusal is not retried at once).
+                Err(e) => format!("not created here: {e}"),
             };
             if !matches!(state.as_str(), "present" | "created") {
                 problems.push(format!("cluster network {:?}: {state}", r.value.spec.name));
@@ -243,10 +269,25 @@ impl ClusterNetworks {
             .filter(|n| n.cluster == Some(ClusterState::Unpublished))
         {
             let Some(docker) = here.docker.iter().find(|d| d.id == n.id) else {
-                // dockerd commits a network after the driver's reply.
-                outcome.again_soon = true;
+                // dockerd commits a network after the driver's reply: look out for it
+                // a while, then only on the normal passes.
+                let mut unlisted = self.unlisted.lock().unwrap_or_else(|p| p.into_inner());
+                let since = *unlisted.entry(n.id.clone()).or_insert_with(Instant::now);
+                if since.elapsed() < UNLISTED_PATIENCE {
+                    outcome.again_soon = true;
+                } else {
+                    problems.push(format!(
+                        "network {} was created here with -o weft.scope=cluster {} s ago, but dockerd at --docker-host does not list it (is it this host's dockerd?)",
+                        crate::driver::short(&n.id),
+                        since.elapsed().as_secs()
+                    ));
+                }
                 continue;
             };
+            self.unlisted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&n.id);
             let Some(spec) = &docker.spec else {
                 problems.push(format!(
                     "network {:?} cannot be a cluster network: it has not one IPv4 subnet",
@@ -301,6 +342,24 @@ impl ClusterNetworks {
         Ok(changed)
     }
 
+    /// Makes the copies weft created here members once dockerd lists them (a create
+    /// dockerd rolled back never gets there). Returns whether one changed.
+    async fn promote(&self, here: &Here) -> Result<bool, ClusterNetworksError> {
+        let mut changed = false;
+        for n in &here.local {
+            if let Some(ClusterState::Joining { uid }) = &n.cluster {
+                if here.docker.iter().any(|d| d.id == n.id) {
+                    let member = ClusterState::Member { uid: uid.clone() };
+                    changed |= self
+                        .driver
+                        .set_cluster_state(&n.id, n.cluster.as_ref().expect("joining"), member)
+                        .await?;
+                }
+            }
+        }
+        Ok(changed)
+    }
+
     /// Removes from this host's dockerd the copies of cluster networks removed (or
     /// replaced) elsewhere; dockerd refuses while containers use them, so those are
     /// kept and tried again on every pass. Returns the kept ones, in words, and
@@ -337,7 +396,12 @@ impl ClusterNetworks {
                     removed = true;
                     info!(name = %name, uid = %uid, "cluster network removed elsewhere; removed here")
                 }
-                Ok(Removal::Gone) => {}
+                // dockerd no longer has it: no DeleteNetwork will come.
+                Ok(Removal::Gone) => {
+                    if let Err(e) = self.driver.delete_network(&n.id).await {
+                        problems.push(format!("network {name}: not forgotten here: {e}"));
+                    }
+                }
                 Ok(Removal::InUse(why)) => {
                     kept.push(format!(
                         "{name} ({}): removed from the cluster, kept here until its containers are gone ({why})",
@@ -389,21 +453,49 @@ impl ClusterNetworks {
         let name = &r.spec.name;
         match here.docker_named(name).as_slice() {
             [] => {
+                if let Some((tries, next)) = self.refused_lock().get(&r.uid) {
+                    if Instant::now() < *next {
+                        return Err(ClusterNetworksError::Refused(format!(
+                            "dockerd refused it {tries} time(s); next try in {} s",
+                            next.saturating_duration_since(Instant::now()).as_secs()
+                        )));
+                    }
+                }
                 let mut spec = r.spec.clone();
-                if let Some((driver, ipam_driver)) = here.weft_names() {
-                    (spec.driver, spec.ipam_driver) = (driver, ipam_driver);
+                if let Some(driver) = here.weft_name() {
+                    (spec.driver, spec.ipam_driver) = (driver.clone(), driver);
                 }
                 spec.options.insert(
                     crate::driver::CLUSTER_UID.into(),
                     r.uid.clone(),
                 );
-                self.engine.create_network(&spec).await?;
+                let id = match self.engine.create_network(&spec).await {
+                    Ok(id) => {
+                        self.refused_lock().remove(&r.uid);
+                        id
+                    }
+                    Err(e) => {
+                        let mut refused = self.refused_lock();
+                        let tries = refused.get(&r.uid).map_or(0, |(t, _)| *t) + 1;
+                        let wait = (CREATE_RETRY * 2u32.saturating_pow(tries - 1)).min(MAX_BACKOFF);
+                        refused.insert(r.uid.clone(), (tries, Instant::now() + wait));
+                        return Err(e.into());
+                    }
+                };
+                // dockerd has it now: a member, whose removal removes the record.
+                let joining = ClusterState::Joining { uid: r.uid.clone() };
+                let member = ClusterState::Member { uid: r.uid.clone() };
+                self.driver.set_cluster_state(&id, &joining, member).await?;
                 info!(name = %name, subnet = %spec.subnet, uid = %r.uid, "cluster network created here");
                 Ok("created".into())
             }
             [d] => Ok(match here.local(&d.id).and_then(|n| n.cluster.as_ref()) {
                 Some(ClusterState::Member { uid }) if *uid == r.uid => "present".into(),
-                Some(ClusterState::Member { .. } | ClusterState::Withdrawn { .. }) => {
+                Some(
+                    ClusterState::Member { .. }
+                    | ClusterState::Joining { .. }
+                    | ClusterState::Withdrawn { .. },
+                ) => {
                     "waiting: an earlier network of this name is still in use here".into()
                 }
                 Some(ClusterState::Unpublished) => {
@@ -419,6 +511,10 @@ impl ClusterNetworks {
                 several.len()
             )),
         }
+    }
+
+    fn refused_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (u32, Instant)>> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The last pass's view, with the hosts that have each network.

@@ -46,6 +46,7 @@ fn spec(name: &str, subnet: &str, scope: Option<&str>) -> ClusterNetworkSpec {
         subnet: subnet.parse().unwrap(),
         ip_range: None,
         gateway: Some(subnet.replace(".0/24", ".1").parse().unwrap()),
+        ipam_options: BTreeMap::new(),
         aux_addresses: BTreeMap::new(),
         internal: false,
         options: scope
@@ -438,4 +439,76 @@ async fn each_host_creates_its_copy_under_the_driver_name_weft_has_there() {
     // h3 has no weft network to tell: the origin's names.
     let on_h3 = h3.engine.by_name("app").unwrap().spec.unwrap();
     assert_eq!(on_h3.driver, "weft:latest");
+}
+
+#[tokio::test]
+async fn a_withdrawn_network_dockerd_no_longer_has_is_forgotten_here() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let (h1, h2) = (host("h1", &cluster), host("h2", &cluster));
+    let original = h1
+        .engine
+        .user_creates(spec("app", "10.84.0.0/24", Some("cluster")))
+        .await;
+    h1.networks.pass().await.unwrap();
+    h2.networks.pass().await.unwrap();
+    let copy = h2.engine.by_name("app").unwrap().id;
+    h2.engine.in_use.lock().unwrap().insert(copy.clone());
+    h1.engine.remove_network(&original).await.unwrap();
+    h2.networks.pass().await.unwrap();
+    assert!(matches!(
+        state_of(&h2, &copy).await,
+        Some(ClusterState::Withdrawn { .. })
+    ));
+    // dockerd lost it some other way: no DeleteNetwork will come.
+    h2.engine.networks.lock().unwrap().clear();
+    h2.engine.in_use.lock().unwrap().clear();
+    h2.networks.pass().await.unwrap();
+    assert!(h2.driver.networks().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn nothing_is_withdrawn_while_a_record_does_not_decode() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let (h1, h2) = (host("h1", &cluster), host("h2", &cluster));
+    h1.engine
+        .user_creates(spec("app", "10.85.0.0/24", Some("cluster")))
+        .await;
+    h1.networks.pass().await.unwrap();
+    h2.networks.pass().await.unwrap();
+    // The record is damaged (by hand, or by a newer weft): it may still be the network.
+    let key = keys::cluster_network("app");
+    let revision = cluster.get(&key).await.unwrap().unwrap().revision;
+    cluster
+        .update(&key, revision, b"{not json".to_vec())
+        .await
+        .unwrap();
+    h2.networks.pass().await.unwrap();
+    assert!(h2.engine.by_name("app").is_some());
+    let problems = h2.networks.status().await.problems.join("\n");
+    assert!(problems.contains("cluster-networks/app"), "{problems}");
+}
+
+#[tokio::test]
+async fn a_create_dockerd_refuses_is_retried_with_backoff_not_every_pass() {
+    let cluster = Arc::new(EmbeddedStore::in_memory());
+    let (h1, h2) = (host("h1", &cluster), host("h2", &cluster));
+    h1.engine
+        .user_creates(spec("app", "10.86.0.0/24", Some("cluster")))
+        .await;
+    h1.networks.pass().await.unwrap();
+    h2.engine
+        .refuse_creates
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..5 {
+        h2.networks.pass().await.unwrap();
+    }
+    assert_eq!(
+        h2.engine.creates.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let here = here(&h2, "app").await;
+    assert!(
+        here.contains("could not resolve driver") || here.contains("next try"),
+        "{here}"
+    );
 }

@@ -163,6 +163,25 @@ impl Driver {
         }
     }
 
+    /// Removes the records of cluster networks removed here while the cluster store
+    /// did not answer. Returns the uids still pending.
+    pub async fn retry_cluster_removals(&self) -> Result<Vec<String>, DriverError> {
+        let mut pending = Vec::new();
+        for (key, _) in self.local.list(keys::CLUSTER_REMOVALS).await? {
+            let Some(uid) = key.strip_prefix(keys::CLUSTER_REMOVALS) else {
+                continue;
+            };
+            match crate::cluster_networks::records::remove(self.cluster.as_ref(), uid).await {
+                Ok(_) => {
+                    info!(uid = %uid, "cluster network removed from every host's record (it was removed here earlier)");
+                    self.local.delete(&key, None).await?;
+                }
+                Err(_) => pending.push(uid.to_string()),
+            }
+        }
+        Ok(pending)
+    }
+
     /// Notified when a cluster-scope network is created or deleted on this host.
     pub fn cluster_changes(&self) -> Arc<tokio::sync::Notify> {
         self.cluster_changes.clone()
@@ -361,9 +380,10 @@ impl Driver {
             let other = other.value;
             if other.id == record.id {
                 // A cluster network's state moves on after its creation.
-                let same_state = record.cluster == other.cluster
-                    || (record.cluster == Some(ClusterState::Unpublished)
-                        && other.cluster.is_some());
+                let same_state = match (&record.cluster, &other.cluster) {
+                    (Some(was), Some(now)) => was.may_become(now),
+                    (was, now) => was == now,
+                };
                 if same_state
                     && other
                         == (NetworkRecord {
@@ -444,18 +464,21 @@ impl Driver {
             .get_json::<NetworkRecord>(&keys::network(network_id))
             .await?;
         // `docker network rm` of a cluster network removes it from every host: its
-        // record goes first, and if it cannot, the network stays here too.
+        // record goes. dockerd removes the network here whatever weft answers (it
+        // ignores a driver's errors), so if the record cannot go now, a local note
+        // makes the reconciler remove it once it can.
         if let Some(ClusterState::Member { uid }) =
             record.as_ref().and_then(|r| r.value.cluster.as_ref())
         {
-            crate::cluster_networks::records::remove(self.cluster.as_ref(), uid)
-                .await
-                .map_err(|e| {
-                    DriverError::Unavailable(format!(
-                        "cannot remove cluster network {uid} from the cluster store ({e}); the network stays on every host, try again"
-                    ))
-                })?;
-            info!(uid = %uid, "cluster network removed from every host's record");
+            match crate::cluster_networks::records::remove(self.cluster.as_ref(), uid).await {
+                Ok(_) => info!(uid = %uid, "cluster network removed from every host's record"),
+                Err(e) => {
+                    warn!(uid = %uid, error = %e, "cannot remove the cluster network's record now; weft removes it once the cluster store answers");
+                    self.local
+                        .create_json(&keys::cluster_removal(uid), uid)
+                        .await?;
+                }
+            }
         }
         let mut errors = Vec::new();
         for ep in self.endpoints().await? {

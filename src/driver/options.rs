@@ -138,7 +138,7 @@ impl NetworkOptions {
         out.cluster = match (cluster_scope, uid) {
             (false, None) => None,
             (true, None) => Some(ClusterState::Unpublished),
-            (true, Some(uid)) => Some(ClusterState::Member { uid }),
+            (true, Some(uid)) => Some(ClusterState::Joining { uid }),
             (false, Some(_)) => {
                 return Err(DriverError::Invalid(format!(
                     "-o {CLUSTER_UID} without -o {SCOPE}=cluster"
@@ -193,7 +193,7 @@ mod tests {
         );
         assert_eq!(
             scope(json!({"weft.scope": "cluster", "weft.cluster-uid": "ab12"})).unwrap(),
-            Some(ClusterState::Member { uid: "ab12".into() })
+            Some(ClusterState::Joining { uid: "ab12".into() })
         );
         for bad in [
             json!({"weft.scope": "global"}),

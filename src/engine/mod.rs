@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use bollard::models::{Ipam, IpamConfig, Network, NetworkCreateRequest};
-use bollard::{ClientVersion, Docker};
+use bollard::Docker;
 
 use crate::schema::ClusterNetworkSpec;
 
@@ -52,12 +52,6 @@ pub enum EngineError {
     Refused(String),
 }
 
-/// dockerd 20.10 speaks API 1.41 at most; 26.1 still accepts it.
-const API: ClientVersion = ClientVersion {
-    major_version: 1,
-    minor_version: 41,
-};
-
 pub struct DockerEngine {
     socket: String,
     docker: std::sync::Mutex<Option<Docker>>,
@@ -73,13 +67,21 @@ impl DockerEngine {
         }
     }
 
-    fn docker(&self) -> Result<Docker, EngineError> {
-        let mut docker = self.docker.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = docker.as_ref() {
+    /// A connection at the newest API version both sides speak (dockerd 20.10: 1.41;
+    /// newer dockerds refuse versions that old).
+    async fn docker(&self) -> Result<Docker, EngineError> {
+        if let Some(d) = self
+            .docker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             return Ok(d.clone());
         }
-        let d = Docker::connect_with_unix(&self.socket, 30, &API)?;
-        *docker = Some(d.clone());
+        let d = Docker::connect_with_unix(&self.socket, 30, bollard::API_DEFAULT_VERSION)?
+            .negotiate_version()
+            .await?;
+        *self.docker.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone());
         Ok(d)
     }
 
@@ -125,6 +127,7 @@ fn spec_of(n: &Network, name: &str) -> Option<ClusterNetworkSpec> {
             .transpose()
             .ok()?,
         gateway: parse_ip(&config.gateway),
+        ipam_options: sorted(&n.ipam.as_ref()?.options),
         aux_addresses: config
             .auxiliary_addresses
             .iter()
@@ -148,7 +151,8 @@ fn status_of(e: &bollard::errors::Error) -> Option<u16> {
 impl Engine for DockerEngine {
     async fn networks(&self) -> Result<Vec<EngineNetwork>, EngineError> {
         let list = self.checked(
-            self.docker()?
+            self.docker()
+                .await?
                 .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
                 .await,
         )?;
@@ -184,18 +188,19 @@ impl Engine for DockerEngine {
                             .collect()
                     }),
                 }]),
-                ..Default::default()
+                options: (!spec.ipam_options.is_empty())
+                    .then(|| spec.ipam_options.clone().into_iter().collect()),
             }),
             options: Some(spec.options.clone().into_iter().collect()),
             labels: Some(spec.labels.clone().into_iter().collect()),
             ..Default::default()
         };
-        let created = self.checked(self.docker()?.create_network(request).await)?;
+        let created = self.checked(self.docker().await?.create_network(request).await)?;
         Ok(created.id)
     }
 
     async fn remove_network(&self, id: &str) -> Result<Removal, EngineError> {
-        match self.checked(self.docker()?.remove_network(id).await) {
+        match self.checked(self.docker().await?.remove_network(id).await) {
             Ok(()) => Ok(Removal::Removed),
             Err(e) if status_of(&e) == Some(404) => Ok(Removal::Gone),
             // "error while removing network: network … has active endpoints"

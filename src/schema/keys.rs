@@ -4,7 +4,7 @@
 //!
 //! Cluster-wide (shared by hosts): `pools/`, `blocks/`, `reserved/`, `hosts/`,
 //! `overlays/`, `seen/`, `cluster-networks/`.
-//! Host-local: `networks/`, `endpoints/`, `addresses/`. CIDRs are written with `_`
+//! Host-local: `networks/`, `endpoints/`, `addresses/`, `cluster-removals/`. CIDRs are written with `_`
 //! instead of `/` so that a key segment never contains a slash.
 
 use std::fmt;
@@ -22,6 +22,7 @@ pub const OVERLAYS: &str = "overlays/";
 pub const SEEN: &str = "seen/";
 pub const RESERVED: &str = "reserved/";
 pub const CLUSTER_NETWORKS: &str = "cluster-networks/";
+pub const CLUSTER_REMOVALS: &str = "cluster-removals/";
 
 /// One stored key, decoded.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -43,6 +44,8 @@ pub enum Key {
     /// A network created once for every host (`-o weft.scope=cluster`), by name.
     ClusterNetwork(String),
     Network(String),
+    /// A cluster network removed here whose record could not be removed yet, by uid.
+    ClusterRemoval(String),
     Endpoint(String),
     Address {
         pool: Ipv4Network,
@@ -81,6 +84,7 @@ impl Key {
             ("cluster-networks", [name]) => Key::ClusterNetwork(parse_id(name)?),
             ("networks", [id]) => Key::Network(parse_id(id)?),
             ("endpoints", [id]) => Key::Endpoint(parse_id(id)?),
+            ("cluster-removals", [uid]) => Key::ClusterRemoval(parse_id(uid)?),
             ("addresses", [p, ip]) => {
                 let pool = parse_segment(p)?;
                 let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
@@ -119,6 +123,7 @@ impl fmt::Display for Key {
             Key::ClusterNetwork(name) => write!(f, "{CLUSTER_NETWORKS}{name}"),
             Key::Network(id) => write!(f, "{NETWORKS}{id}"),
             Key::Endpoint(id) => write!(f, "{ENDPOINTS}{id}"),
+            Key::ClusterRemoval(uid) => write!(f, "{CLUSTER_REMOVALS}{uid}"),
             Key::Address { pool, ip } => write!(f, "{ADDRESSES}{}/{ip}", cidr_segment(*pool)),
         }
     }
@@ -196,6 +201,10 @@ pub fn cluster_network(name: &str) -> String {
     Key::ClusterNetwork(name.to_string()).to_string()
 }
 
+pub fn cluster_removal(uid: &str) -> String {
+    Key::ClusterRemoval(uid.to_string()).to_string()
+}
+
 pub fn network(id: &str) -> String {
     Key::Network(id.to_string()).to_string()
 }
@@ -236,6 +245,7 @@ mod tests {
             Key::ClusterNetwork("app.net-1".into()),
             Key::Network("n1".into()),
             Key::Endpoint("e1".into()),
+            Key::ClusterRemoval("ab12".into()),
             Key::Address {
                 pool,
                 ip: "10.42.0.5".parse().unwrap(),

@@ -155,6 +155,9 @@ pub struct ClusterNetworkSpec {
     pub ip_range: Option<Ipv4Network>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<Ipv4Addr>,
+    /// `--ipam-opt` (`weft.block-size`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ipam_options: BTreeMap<String, String>,
     /// `--aux-address`: name -> address.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub aux_addresses: BTreeMap<String, Ipv4Addr>,
@@ -208,12 +211,31 @@ pub enum ClusterState {
     /// Created here by a user; weft has yet to learn its name from dockerd and
     /// record it for the other hosts (or it clashes with a cluster network).
     Unpublished,
+    /// A copy of cluster network `uid` that weft asked dockerd to create here, until
+    /// weft sees dockerd has it: removing it now (dockerd rolling back a failed
+    /// create) touches no record.
+    Joining { uid: String },
     /// This host's instance of cluster network `uid`: removing it here removes the
     /// network everywhere.
     Member { uid: String },
     /// Its cluster network was removed (or replaced): weft removes it from this
     /// host's dockerd once no container uses it, and removing it touches no record.
     Withdrawn { uid: String },
+}
+
+impl ClusterState {
+    /// Whether a network recorded as `self` may since have moved on to `later` (a
+    /// replayed CreateNetwork carries the state it was created with).
+    pub fn may_become(&self, later: &ClusterState) -> bool {
+        use ClusterState::*;
+        match (self, later) {
+            (Unpublished, _) => true,
+            (Joining { uid: a }, Joining { uid: b } | Member { uid: b } | Withdrawn { uid: b }) => {
+                a == b
+            }
+            (a, b) => a == b,
+        }
+    }
 }
 
 #[cfg(test)]
