@@ -15,6 +15,7 @@ use crate::api::{router, AppState};
 use crate::cluster::HostRecord;
 use crate::cluster::Tenure;
 use crate::cluster_networks::ClusterNetworks;
+use crate::names::NamePublisher;
 use crate::config::DaemonConfig;
 use crate::datapath::netlink::NetlinkDatapath;
 use crate::datapath::Datapath;
@@ -32,6 +33,8 @@ pub const HOST_ID_FILE: &str = "host-id";
 pub const LOCK_FILE: &str = "lock";
 /// How often cluster networks are reconciled when nothing wakes them.
 const CLUSTER_NETWORKS_EVERY: Duration = Duration::from_secs(5);
+/// How often container names are published when no container joins or leaves.
+const NAMES_EVERY: Duration = Duration::from_secs(5);
 
 /// Takes the state directory for this process alone, before weft touches etcd or the
 /// kernel: two daemons on one state dir (say, the managed plugin and the systemd
@@ -243,15 +246,14 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             default_block_prefix: config.block_size,
         },
     ));
-    let cluster_networks = if config.docker_host == "none" {
-        None
-    } else {
-        let engine = crate::engine::DockerEngine::new(&config.docker_host);
+    let engine: Option<Arc<dyn crate::engine::Engine>> = (config.docker_host != "none")
+        .then(|| Arc::new(crate::engine::DockerEngine::new(&config.docker_host)) as _);
+    let cluster_networks = if let Some(engine) = &engine {
         let networks = Arc::new(ClusterNetworks::new(
             host.clone(),
             cluster.clone(),
             driver.clone(),
-            Arc::new(engine),
+            engine.clone(),
         ));
         if let Some(c) = &clustered {
             tokio::spawn(crate::cluster_networks::watch_etcd(
@@ -261,17 +263,28 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             ));
         }
         Some(networks)
+    } else {
+        None
     };
+    let mut names = None;
     let mesh = match clustered {
         Some(c) => {
-            let leases = crate::cluster::etcd::EtcdLeases::new(
+            let leases = Arc::new(crate::cluster::etcd::EtcdLeases::new(
                 c.etcd.client(),
                 c.etcd.prefix().to_string(),
                 Duration::from_secs(config.cluster.host_ttl),
-            );
+            ));
+            if let Some(engine) = &engine {
+                names = Some(Arc::new(NamePublisher::new(
+                    host.clone(),
+                    leases.clone(),
+                    driver.clone(),
+                    engine.clone(),
+                )));
+            }
             tokio::spawn(
                 crate::cluster::Registration {
-                    leases: Arc::new(leases),
+                    leases,
                     record: c.record,
                     ttl: Duration::from_secs(config.cluster.host_ttl),
                     grace,
@@ -319,6 +332,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     if let Some(networks) = &cluster_networks {
         tokio::spawn(networks.clone().run(CLUSTER_NETWORKS_EVERY));
     }
+    if let Some(names) = &names {
+        tokio::spawn(names.clone().run(NAMES_EVERY));
+    }
 
     let reconciler = {
         let driver = driver.clone();
@@ -362,6 +378,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         blocks: ipam.blocks().clone(),
         mesh,
         cluster_networks,
+        names,
     });
     let app = router(AppState {
         driver,

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod ipam;
 pub mod locks;
 pub mod mesh;
+pub mod names;
 pub mod ports;
 pub mod protocol;
 pub mod schema;

@@ -16,6 +16,7 @@ pub struct StatusSource {
     pub blocks: Arc<Blocks>,
     pub mesh: Option<Arc<Mesh>>,
     pub cluster_networks: Option<Arc<ClusterNetworks>>,
+    pub names: Option<Arc<crate::names::NamePublisher>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -41,6 +42,9 @@ pub struct Status {
     /// with `--docker-host none`.
     #[serde(default)]
     pub cluster_networks: Option<ClusterNetworksStatus>,
+    /// The container names this host publishes, per network subnet.
+    #[serde(default)]
+    pub names: std::collections::BTreeMap<String, Vec<crate::schema::NameEntry>>,
     /// Cluster records the mesh skipped because they are bad ("key: why").
     #[serde(default)]
     pub skipped_records: Vec<String>,
@@ -195,6 +199,14 @@ impl StatusSource {
             reservations,
             wireguard: self.mesh.as_ref().and_then(|m| m.tunnel().implementation()),
             skipped_records: self.mesh.as_ref().map(|m| m.skipped()).unwrap_or_default(),
+            names: self
+                .names
+                .as_ref()
+                .map(|n| n.published())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(subnet, r)| (subnet.to_string(), r.entries))
+                .collect(),
             cluster_networks: match &self.cluster_networks {
                 Some(c) => Some(c.status().await),
                 None => None,
@@ -337,6 +349,13 @@ pub fn render(s: &Status) -> String {
     }
     for r in &s.skipped_records {
         let _ = writeln!(out, "\nskipped a bad record: {r}");
+    }
+    for (subnet, entries) in &s.names {
+        let _ = writeln!(out, "\nNAMES PUBLISHED FROM HERE ON {subnet}");
+        for e in entries {
+            let names: Vec<&str> = e.names.iter().map(String::as_str).collect();
+            let _ = writeln!(out, "  {:<15} {}  {}", e.address, e.container, names.join(" "));
+        }
     }
     for e in &s.errors {
         let _ = writeln!(out, "\nwarning: {e}");

@@ -48,6 +48,7 @@ fn harness() -> Harness {
         blocks,
         mesh: None,
         cluster_networks: None,
+        names: None,
     });
     Harness {
         app: router(AppState {

@@ -90,4 +90,10 @@ impl Leases for EtcdLeases {
         let resp = self.timed(kv.get(key, None)).await?;
         Ok(resp.kvs().first().map(|kv| kv.lease()))
     }
+
+    async fn delete(&self, key: &str) -> Result<(), MembershipError> {
+        let mut kv = self.client.kv_client();
+        let key = format!("{}{key}", self.prefix);
+        self.timed(kv.delete(key, None)).await.map(|_| ())
+    }
 }

@@ -37,8 +37,24 @@ impl MemoryLeases {
         s.keys.retain(|_, (_, l)| *l != lease);
     }
 
-    pub fn delete(&self, key: &str) {
+    /// Deletes `key` behind its writer's back.
+    pub fn remove(&self, key: &str) {
         self.state.lock().unwrap().keys.remove(key);
+    }
+
+    /// The keys under `prefix`, sorted.
+    pub fn keys_under(&self, prefix: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .state
+            .lock()
+            .unwrap()
+            .keys
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
     }
 
     pub fn get(&self, key: &str) -> Option<(Vec<u8>, LeaseId)> {
@@ -77,5 +93,11 @@ impl Leases for MemoryLeases {
 
     async fn lease_of(&self, key: &str) -> Result<Option<LeaseId>, MembershipError> {
         self.with(|s| s.keys.get(key).map(|(_, l)| *l))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), MembershipError> {
+        self.with(|s| {
+            s.keys.remove(key);
+        })
     }
 }

@@ -160,6 +160,8 @@ pub trait Leases: Send + Sync + 'static {
     async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<(), MembershipError>;
     /// The lease `key` is on; `None` when the key does not exist.
     async fn lease_of(&self, key: &str) -> Result<Option<LeaseId>, MembershipError>;
+    /// Deletes `key` before its lease ends.
+    async fn delete(&self, key: &str) -> Result<(), MembershipError>;
 }
 
 /// This host's registration: `hosts/<id>` on a lease of `ttl`, `seen/<id>` on a lease
@@ -308,7 +310,7 @@ mod tests {
         .await;
         // Deleted behind its back (say, by another daemon's expiring lease).
         let (_, second) = leases.get("hosts/h1").unwrap();
-        leases.delete("hosts/h1");
+        leases.remove("hosts/h1");
         until("written again", || {
             leases.get("hosts/h1").is_some_and(|(_, l)| l != second)
         })

@@ -98,6 +98,8 @@ pub struct Driver {
     passes: std::sync::atomic::AtomicU64,
     /// Woken when a cluster-scope network is created or deleted here.
     cluster_changes: Arc<tokio::sync::Notify>,
+    /// Woken when an endpoint joins or leaves (its container's names change).
+    endpoint_changes: Arc<tokio::sync::Notify>,
 }
 
 /// Every this many reconcile passes, the first among them, every endpoint is set up
@@ -160,7 +162,13 @@ impl Driver {
             publishing: Mutex::new(()),
             passes: Default::default(),
             cluster_changes: Default::default(),
+            endpoint_changes: Default::default(),
         }
+    }
+
+    /// Notified when an endpoint joins or leaves.
+    pub fn endpoint_changes(&self) -> Arc<tokio::sync::Notify> {
+        self.endpoint_changes.clone()
     }
 
     /// Removes the records of cluster networks removed here while the cluster store
@@ -701,6 +709,7 @@ impl Driver {
         }
         let gateway = network.gateway.filter(|_| !network.internal);
         info!(link = %ep.container_if, "endpoint joined");
+        self.endpoint_changes.notify_one();
         Ok(proto::JoinResponse {
             interface_name: proto::InterfaceName {
                 src_name: ep.container_if,
@@ -739,6 +748,7 @@ impl Driver {
             }
         }
         info!("endpoint left");
+        self.endpoint_changes.notify_one();
         Ok(())
     }
 

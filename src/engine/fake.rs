@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{Engine, EngineError, EngineNetwork, Removal};
+use super::{ContainerEndpoint, Engine, EngineError, EngineNetwork, Removal};
 use crate::driver::Driver;
 use crate::protocol::network::{CreateNetworkRequest, IpamData};
 use crate::schema::ClusterNetworkSpec;
@@ -15,6 +15,8 @@ use crate::schema::ClusterNetworkSpec;
 #[derive(Default)]
 pub struct FakeEngine {
     pub networks: Mutex<Vec<EngineNetwork>>,
+    /// Running containers' endpoints.
+    pub endpoints: Mutex<Vec<ContainerEndpoint>>,
     /// IDs of networks containers still use: removing them is refused.
     pub in_use: Mutex<BTreeSet<String>>,
     /// dockerd is down: every call fails.
@@ -112,6 +114,11 @@ fn create_request(id: &str, spec: &ClusterNetworkSpec) -> CreateNetworkRequest {
 
 #[async_trait]
 impl Engine for FakeEngine {
+    async fn container_endpoints(&self) -> Result<Vec<ContainerEndpoint>, EngineError> {
+        self.check_up()?;
+        Ok(self.endpoints.lock().unwrap().clone())
+    }
+
     async fn networks(&self) -> Result<Vec<EngineNetwork>, EngineError> {
         self.check_up()?;
         Ok(self.networks.lock().unwrap().clone())

@@ -22,6 +22,20 @@ pub trait Engine: Send + Sync + 'static {
     async fn create_network(&self, spec: &ClusterNetworkSpec) -> Result<String, EngineError>;
     /// Removes a network by ID, unless containers still use it.
     async fn remove_network(&self, id: &str) -> Result<Removal, EngineError>;
+    /// The network endpoints of every running container, with the names each
+    /// answers to there.
+    async fn container_endpoints(&self) -> Result<Vec<ContainerEndpoint>, EngineError>;
+}
+
+/// A running container's endpoint on one network, as dockerd lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerEndpoint {
+    /// The container's short ID.
+    pub container: String,
+    pub endpoint_id: String,
+    /// Its name, its network aliases (compose service names among them) and, on
+    /// dockerd 25 and later, every DNS name dockerd gives it there.
+    pub names: std::collections::BTreeSet<String>,
 }
 
 /// A network as dockerd lists it.
@@ -149,6 +163,16 @@ fn status_of(e: &bollard::errors::Error) -> Option<u16> {
 
 #[async_trait]
 impl Engine for DockerEngine {
+    async fn container_endpoints(&self) -> Result<Vec<ContainerEndpoint>, EngineError> {
+        let list = self.checked(
+            self.docker()
+                .await?
+                .list_containers(None::<bollard::query_parameters::ListContainersOptions>)
+                .await,
+        )?;
+        Ok(list.iter().flat_map(endpoints_of).collect())
+    }
+
     async fn networks(&self) -> Result<Vec<EngineNetwork>, EngineError> {
         let list = self.checked(
             self.docker()
@@ -211,6 +235,42 @@ impl Engine for DockerEngine {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The endpoints of one listed container.
+fn endpoints_of(c: &bollard::models::ContainerSummary) -> Vec<ContainerEndpoint> {
+    let Some(id) = c.id.as_deref() else {
+        return Vec::new();
+    };
+    let short = id.get(..12).unwrap_or(id).to_string();
+    let own: Vec<String> = c
+        .names
+        .iter()
+        .flatten()
+        .map(|n| n.trim_start_matches('/').to_string())
+        // Links (`/other/alias`) are not names of this container.
+        .filter(|n| !n.contains('/'))
+        .collect();
+    c.network_settings
+        .as_ref()
+        .and_then(|s| s.networks.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, e)| {
+            let names = own
+                .iter()
+                .chain(e.aliases.iter().flatten())
+                .chain(e.dns_names.iter().flatten())
+                .filter(|n| !n.is_empty())
+                .cloned()
+                .collect();
+            Some(ContainerEndpoint {
+                container: short.clone(),
+                endpoint_id: e.endpoint_id.clone().filter(|e| !e.is_empty())?,
+                names,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub const SEEN: &str = "seen/";
 pub const RESERVED: &str = "reserved/";
 pub const CLUSTER_NETWORKS: &str = "cluster-networks/";
 pub const CLUSTER_REMOVALS: &str = "cluster-removals/";
+pub const NAMES: &str = "names/";
 
 /// One stored key, decoded.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -43,6 +44,11 @@ pub enum Key {
     Seen(String),
     /// A network created once for every host (`-o weft.scope=cluster`), by name.
     ClusterNetwork(String),
+    /// The container names `host` publishes on the network of `subnet`.
+    Names {
+        subnet: Ipv4Network,
+        host: String,
+    },
     Network(String),
     /// A cluster network removed here whose record could not be removed yet, by uid.
     ClusterRemoval(String),
@@ -82,6 +88,10 @@ impl Key {
             ("hosts", [id]) => Key::Host(parse_id(id)?),
             ("seen", [id]) => Key::Seen(parse_id(id)?),
             ("cluster-networks", [name]) => Key::ClusterNetwork(parse_id(name)?),
+            ("names", [s, id]) => Key::Names {
+                subnet: parse_segment(s)?,
+                host: parse_id(id)?,
+            },
             ("networks", [id]) => Key::Network(parse_id(id)?),
             ("endpoints", [id]) => Key::Endpoint(parse_id(id)?),
             ("cluster-removals", [uid]) => Key::ClusterRemoval(parse_id(uid)?),
@@ -121,6 +131,7 @@ impl fmt::Display for Key {
             Key::Host(id) => write!(f, "{HOSTS}{id}"),
             Key::Seen(id) => write!(f, "{SEEN}{id}"),
             Key::ClusterNetwork(name) => write!(f, "{CLUSTER_NETWORKS}{name}"),
+            Key::Names { subnet, host } => write!(f, "{NAMES}{}/{host}", cidr_segment(*subnet)),
             Key::Network(id) => write!(f, "{NETWORKS}{id}"),
             Key::Endpoint(id) => write!(f, "{ENDPOINTS}{id}"),
             Key::ClusterRemoval(uid) => write!(f, "{CLUSTER_REMOVALS}{uid}"),
@@ -201,6 +212,19 @@ pub fn cluster_network(name: &str) -> String {
     Key::ClusterNetwork(name.to_string()).to_string()
 }
 
+pub fn names(subnet: Ipv4Network, host: &str) -> String {
+    Key::Names {
+        subnet,
+        host: host.to_string(),
+    }
+    .to_string()
+}
+
+/// Every host's names on the network of `subnet`.
+pub fn names_of(subnet: Ipv4Network) -> String {
+    format!("{NAMES}{}/", cidr_segment(subnet))
+}
+
 pub fn cluster_removal(uid: &str) -> String {
     Key::ClusterRemoval(uid.to_string()).to_string()
 }
@@ -243,6 +267,10 @@ mod tests {
             Key::Host("ab12".into()),
             Key::Seen("ab12".into()),
             Key::ClusterNetwork("app.net-1".into()),
+            Key::Names {
+                subnet: pool,
+                host: "ab12".into(),
+            },
             Key::Network("n1".into()),
             Key::Endpoint("e1".into()),
             Key::ClusterRemoval("ab12".into()),

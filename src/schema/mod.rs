@@ -184,6 +184,23 @@ impl ClusterNetworkSpec {
     }
 }
 
+/// The names of one host's containers on one network (`names/<subnet>/<host>`), on
+/// the host's lease: they vanish with the host.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NamesRecord {
+    pub entries: Vec<NameEntry>,
+}
+
+/// One container on the network: the names it answers to there (its name, network
+/// aliases, compose service name) and its address.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NameEntry {
+    pub address: Ipv4Addr,
+    /// The container's short ID.
+    pub container: String,
+    pub names: BTreeSet<String>,
+}
+
 // ---- local records ----
 
 /// A Docker network on this host (`networks/<NetworkID>`).

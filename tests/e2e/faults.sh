@@ -50,8 +50,6 @@ within() {
 # fail_all MSG...: reports every failed assertion of a test, then fails it.
 fail_all() { local m; for m in "$@"; do echo "    FAIL: $m" >&2; done; return 1; }
 
-etcdctl_lab() { ip netns exec "$LAB_WAN" etcdctl --endpoints http://192.0.2.1:2379 "$@"; }
-host_id() { cat "$(lab_dir "$1")/state/host-id"; }
 # N random bytes as hex.
 rand_hex() { od -An -tx1 -N "$1" /dev/urandom | tr -d ' \n'; }
 

@@ -13,3 +13,6 @@ pings() { D "$1" exec "$2" ping -c "${4:-1}" -W 2 "$3" >/dev/null 2>&1; }
 weft_status() { lab_exec "$1" "$WEFT_BIN" status --json; }
 # has_network HOST NAME: HOST's dockerd has a network called NAME.
 has_network() { D "$1" network inspect "$2" >/dev/null 2>&1; }
+# etcdctl against the lab's etcd; host_id HOST: the weft host id of HOST.
+etcdctl_lab() { ip netns exec "$LAB_WAN" etcdctl --endpoints http://192.0.2.1:2379 "$@"; }
+host_id() { cat "$(lab_dir "$1")/state/host-id"; }

@@ -232,6 +232,9 @@ test_a_vanished_host_is_evicted() {
       "$(cat "$LAB_ROOT/$h.evicted")" "$killed" "$bound" "$h" || fail "eviction from $h too slow"
   done
   retry 25 sh -c "nsenter -t $(lab_holder h1) -n ip route show proto 88 | grep -q ." || fail "h1 lost its routes to h2"
+  # Its published names went with its lease.
+  [ -z "$(etcdctl_lab get --prefix "/weft/v1/names/" --keys-only | grep "$(host_id h3)")" ] ||
+    fail "h3's names outlived its lease"
 }
 
 test_traffic_survives_etcd_loss_and_weft_recovers() {
@@ -338,8 +341,23 @@ test_cluster_network_removed_everywhere_but_where_still_used() {
 # A host that joins later gets the cluster networks (h3, from the late-host test).
 test_cluster_network_reaches_a_host_that_joins_later() {
   retry 10 has_network h3 shared || fail "h3 never got the network"
-  run_bb h3 s3 --network shared
+  run_bb h3 s3 --network shared --network-alias cache
   retry 25 pings h3 s3 "$(ip_of h1 s1 shared)" || fail "no traffic from h3's copy"
+  # Its name and alias are published on h3's lease (names across hosts, first step).
+  retry 15 names_published_by h3 '10.90.0.0_22' s3 cache || fail "h3's names: $(etcdctl_lab get --prefix /weft/v1/names/ --print-value-only)"
+  [ "$(etcdctl_lab get "/weft/v1/names/10.90.0.0_22/$(host_id h3)" -w json | jq '.kvs[0].lease')" != 0 ] ||
+    fail "h3's names are not on a lease"
+}
+
+# names_published_by HOST SUBNET-SEGMENT NAME…: etcd holds HOST's names record of that
+# network with every NAME, at the container's address.
+names_published_by() {
+  local h=$1 subnet=$2; shift 2
+  local rec
+  rec=$(etcdctl_lab get "/weft/v1/names/$subnet/$(host_id "$h")" --print-value-only)
+  for n in "$@"; do
+    echo "$rec" | jq -e --arg n "$n" '.entries | any(.names | index($n))' >/dev/null || return 1
+  done
 }
 
 main() {
