@@ -354,7 +354,13 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "\nNAMES PUBLISHED FROM HERE ON {subnet}");
         for e in entries {
             let names: Vec<&str> = e.names.iter().map(String::as_str).collect();
-            let _ = writeln!(out, "  {:<15} {}  {}", e.address, e.container, names.join(" "));
+            let _ = writeln!(
+                out,
+                "  {:<15} {}  {}",
+                e.address,
+                e.container,
+                names.join(" ")
+            );
         }
     }
     for e in &s.errors {

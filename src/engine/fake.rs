@@ -114,9 +114,16 @@ fn create_request(id: &str, spec: &ClusterNetworkSpec) -> CreateNetworkRequest {
 
 #[async_trait]
 impl Engine for FakeEngine {
-    async fn container_endpoints(&self) -> Result<Vec<ContainerEndpoint>, EngineError> {
+    async fn container_endpoints(
+        &self,
+        wanted: &BTreeSet<String>,
+    ) -> Result<Vec<ContainerEndpoint>, EngineError> {
         self.check_up()?;
-        Ok(self.endpoints.lock().unwrap().clone())
+        let all = self.endpoints.lock().unwrap().clone();
+        Ok(all
+            .into_iter()
+            .filter(|e| wanted.contains(&e.endpoint_id))
+            .collect())
     }
 
     async fn networks(&self) -> Result<Vec<EngineNetwork>, EngineError> {

@@ -4,7 +4,7 @@
 
 pub mod fake;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use bollard::models::{Ipam, IpamConfig, Network, NetworkCreateRequest};
@@ -22,9 +22,12 @@ pub trait Engine: Send + Sync + 'static {
     async fn create_network(&self, spec: &ClusterNetworkSpec) -> Result<String, EngineError>;
     /// Removes a network by ID, unless containers still use it.
     async fn remove_network(&self, id: &str) -> Result<Removal, EngineError>;
-    /// The network endpoints of every running container, with the names each
-    /// answers to there.
-    async fn container_endpoints(&self) -> Result<Vec<ContainerEndpoint>, EngineError>;
+    /// The endpoints among `wanted` (endpoint IDs) of running containers, with the
+    /// names each answers to there.
+    async fn container_endpoints(
+        &self,
+        wanted: &BTreeSet<String>,
+    ) -> Result<Vec<ContainerEndpoint>, EngineError>;
 }
 
 /// A running container's endpoint on one network, as dockerd lists it.
@@ -33,9 +36,10 @@ pub struct ContainerEndpoint {
     /// The container's short ID.
     pub container: String,
     pub endpoint_id: String,
-    /// Its name, its network aliases (compose service names among them) and, on
-    /// dockerd 25 and later, every DNS name dockerd gives it there.
-    pub names: std::collections::BTreeSet<String>,
+    /// Its name, its network aliases (compose service names among them; dockerd
+    /// 20.10 adds the short ID) and, on dockerd 25 and later, every DNS name dockerd
+    /// gives it there (its hostname too).
+    pub names: BTreeSet<String>,
 }
 
 /// A network as dockerd lists it.
@@ -122,7 +126,7 @@ fn spec_of(n: &Network, name: &str) -> Option<ClusterNetworkSpec> {
             .filter(|s| !s.is_empty())
             .and_then(|s| s.split('/').next()?.parse().ok())
     };
-    let sorted = |m: &Option<std::collections::HashMap<String, String>>| {
+    let sorted = |m: &Option<HashMap<String, String>>| {
         m.iter()
             .flatten()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -163,14 +167,52 @@ fn status_of(e: &bollard::errors::Error) -> Option<u16> {
 
 #[async_trait]
 impl Engine for DockerEngine {
-    async fn container_endpoints(&self) -> Result<Vec<ContainerEndpoint>, EngineError> {
+    async fn container_endpoints(
+        &self,
+        wanted: &BTreeSet<String>,
+    ) -> Result<Vec<ContainerEndpoint>, EngineError> {
+        let docker = self.docker().await?;
         let list = self.checked(
-            self.docker()
-                .await?
+            docker
                 .list_containers(None::<bollard::query_parameters::ListContainersOptions>)
                 .await,
         )?;
-        Ok(list.iter().flat_map(endpoints_of).collect())
+        let mut found = Vec::new();
+        for c in &list {
+            let Some(id) = c.id.as_deref() else { continue };
+            let listed = c
+                .network_settings
+                .as_ref()
+                .and_then(|s| s.networks.as_ref());
+            let ours = listed
+                .into_iter()
+                .flatten()
+                .any(|(_, e)| e.endpoint_id.as_ref().is_some_and(|ep| wanted.contains(ep)));
+            if !ours {
+                continue;
+            }
+            let full = match docker
+                .inspect_container(
+                    id,
+                    None::<bollard::query_parameters::InspectContainerOptions>,
+                )
+                .await
+            {
+                Ok(full) => full,
+                Err(e) if status_of(&e) == Some(404) => continue, // gone since the list
+                Err(e) => return Err(self.checked::<()>(Err(e)).unwrap_err().into()),
+            };
+            let networks = full
+                .network_settings
+                .as_ref()
+                .and_then(|s| s.networks.as_ref());
+            found.extend(
+                endpoints_of(id, full.name.as_deref(), networks)
+                    .into_iter()
+                    .filter(|e| wanted.contains(&e.endpoint_id)),
+            );
+        }
+        Ok(found)
     }
 
     async fn networks(&self) -> Result<Vec<EngineNetwork>, EngineError> {
@@ -237,23 +279,15 @@ impl Engine for DockerEngine {
     }
 }
 
-/// The endpoints of one listed container.
-fn endpoints_of(c: &bollard::models::ContainerSummary) -> Vec<ContainerEndpoint> {
-    let Some(id) = c.id.as_deref() else {
-        return Vec::new();
-    };
+/// A container's endpoints from its inspection (the list carries no aliases).
+fn endpoints_of(
+    id: &str,
+    name: Option<&str>,
+    networks: Option<&HashMap<String, bollard::models::EndpointSettings>>,
+) -> Vec<ContainerEndpoint> {
     let short = id.get(..12).unwrap_or(id).to_string();
-    let own: Vec<String> = c
-        .names
-        .iter()
-        .flatten()
-        .map(|n| n.trim_start_matches('/').to_string())
-        // Links (`/other/alias`) are not names of this container.
-        .filter(|n| !n.contains('/'))
-        .collect();
-    c.network_settings
-        .as_ref()
-        .and_then(|s| s.networks.as_ref())
+    let own = name.map(|n| n.trim_start_matches('/').to_string());
+    networks
         .into_iter()
         .flatten()
         .filter_map(|(_, e)| {

@@ -693,6 +693,8 @@ impl Mesh {
             if resp.events().is_empty() {
                 continue;
             }
+            // Other records (cluster networks, names) change often and shape no mesh.
+            let mut relevant = false;
             let seen_gone = {
                 let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
                 let Some(view) = view.as_mut() else {
@@ -703,6 +705,10 @@ impl Mesh {
                     let Some(key) = kv.key_str().ok().and_then(|k| k.strip_prefix(prefix)) else {
                         continue;
                     };
+                    relevant |= view::PREFIXES
+                        .iter()
+                        .chain([&keys::SEEN])
+                        .any(|p| key.starts_with(p));
                     match event.event_type() {
                         EventType::Put => view.put(key, kv.value()),
                         EventType::Delete => view.delete(key),
@@ -713,7 +719,7 @@ impl Mesh {
             if seen_gone {
                 self.reclaim_due.store(true, Ordering::SeqCst);
                 self.poke();
-            } else {
+            } else if relevant {
                 self.nudge();
             }
         }

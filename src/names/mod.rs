@@ -33,9 +33,13 @@ pub enum NamesError {
 /// What this host last wrote: on which lease, and which records.
 #[derive(Default)]
 struct Written {
+    passes: u64,
     lease: Option<LeaseId>,
     records: BTreeMap<Ipv4Network, NamesRecord>,
 }
+
+/// Every this many passes, every record is written again.
+const REWRITE_EVERY: u64 = 60;
 
 pub struct NamePublisher {
     host: String,
@@ -100,7 +104,12 @@ impl NamePublisher {
         let networks = self.driver.networks().await?;
         let endpoints = self.driver.endpoints().await?;
         let mut desired: BTreeMap<Ipv4Network, NamesRecord> = BTreeMap::new();
-        for c in self.engine.container_endpoints().await? {
+        let joined = endpoints
+            .iter()
+            .filter(|e| e.joined)
+            .map(|e| e.id.clone())
+            .collect();
+        for c in self.engine.container_endpoints(&joined).await? {
             let Some(ep) = endpoints.iter().find(|e| e.joined && e.id == c.endpoint_id) else {
                 continue; // another driver's network, or not joined (any more)
             };
@@ -131,7 +140,11 @@ impl NamePublisher {
             return Ok(()); // not registered (yet, or again): nothing to bind names to
         };
         let desired = self.desired().await?;
-        let fresh_lease = written.lease != Some(lease);
+        // Everything again on a new lease, and now and then (a record deleted behind
+        // this host's back comes back).
+        written.passes += 1;
+        let fresh_lease =
+            written.lease != Some(lease) || written.passes.is_multiple_of(REWRITE_EVERY);
         for (subnet, record) in &desired {
             if fresh_lease || written.records.get(subnet) != Some(record) {
                 let value = serde_json::to_vec(record).expect("names serialise");

@@ -220,11 +220,6 @@ pub fn names(subnet: Ipv4Network, host: &str) -> String {
     .to_string()
 }
 
-/// Every host's names on the network of `subnet`.
-pub fn names_of(subnet: Ipv4Network) -> String {
-    format!("{NAMES}{}/", cidr_segment(subnet))
-}
-
 pub fn cluster_removal(uid: &str) -> String {
     Key::ClusterRemoval(uid.to_string()).to_string()
 }
