@@ -16,10 +16,10 @@ packages=(
   # running: the datapath and the userspace WireGuard fallback
   iproute2 nftables iptables wireguard-go wireguard-tools
   # testing: dockerd and what it runs, etcd, the test image, probes, the registry
-  # for the managed-plugin install path, the fresh-machine check, and systemd-analyze
-  # for the unit
+  # for the managed-plugin install path, the fresh-machine check, systemd-analyze
+  # for the unit, and dnsmasq as the lab's DNS server (names across hosts)
   docker.io containerd runc etcd-server etcd-client busybox-static tcpdump curl
-  python3 jq util-linux iperf3 docker-registry mmdebstrap systemd
+  python3 jq util-linux iperf3 docker-registry mmdebstrap systemd dnsmasq-base
 )
 
 # The userspace WireGuard with TUN and UDP offloads (GSO/GRO) is wireguard-go

@@ -114,6 +114,13 @@ pub struct DaemonConfig {
     )]
     pub docker_host: String,
 
+    /// The port of weft's resolver of the cluster's container names (several hosts):
+    /// containers' DNS queries to servers outside weft's subnets are handed to it
+    /// (TPROXY) and it answers the names of their network on every host, passing
+    /// every other query on unchanged. 0: no resolver, no interception.
+    #[arg(long, env = "WEFT_DNS_PORT", default_value_t = crate::names::resolver::DEFAULT_PORT)]
+    pub dns_port: u16,
+
     #[command(flatten)]
     pub cluster: ClusterConfig,
 }

@@ -21,6 +21,7 @@ use crate::datapath::Datapath;
 use crate::driver::{Driver, DriverConfig};
 use crate::ipam::{Blocks, Ipam, IpamConfig, Verified};
 use crate::mesh::Mesh;
+use crate::names::resolver::Resolver;
 use crate::names::NamePublisher;
 use crate::status::StatusSource;
 use crate::store::embedded::EmbeddedStore;
@@ -201,6 +202,19 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     if config.cluster.enabled() {
         netlink = netlink.with_tunnel(&config.cluster.wg_interface);
     }
+    // The resolver of the cluster's names (several hosts): its port is taken before
+    // the firewall hands it anything, and a port in use is a clear error.
+    let resolver_sockets = match config.dns_port {
+        port @ 1.. if config.cluster.enabled() => {
+            netlink = netlink.with_names_port(port);
+            Some(crate::names::resolver::bind(port).with_context(|| {
+                format!(
+                    "binding weft's resolver to port {port} (UDP and TCP); choose another with --dns-port, or 0 for none"
+                )
+            })?)
+        }
+        _ => None,
+    };
     let datapath: Arc<dyn Datapath> = Arc::new(netlink);
     let grace = Duration::from_secs(config.cluster.block_grace);
     let clustered = if config.cluster.enabled() {
@@ -267,6 +281,15 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         None
     };
     let mut names = None;
+    let resolver = resolver_sockets.map(|sockets| {
+        let r = Arc::new(Resolver::new(
+            config.dns_port,
+            cluster.clone(),
+            driver.clone(),
+        ));
+        tokio::spawn(r.clone().serve(sockets));
+        r
+    });
     let mesh = match clustered {
         Some(c) => {
             let leases = Arc::new(crate::cluster::etcd::EtcdLeases::new(
@@ -379,6 +402,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         mesh,
         cluster_networks,
         names,
+        resolver,
     });
     let app = router(AppState {
         driver,

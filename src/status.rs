@@ -17,6 +17,7 @@ pub struct StatusSource {
     pub mesh: Option<Arc<Mesh>>,
     pub cluster_networks: Option<Arc<ClusterNetworks>>,
     pub names: Option<Arc<crate::names::NamePublisher>>,
+    pub resolver: Option<Arc<crate::names::resolver::Resolver>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -45,6 +46,9 @@ pub struct Status {
     /// The container names this host publishes, per network subnet.
     #[serde(default)]
     pub names: std::collections::BTreeMap<String, Vec<crate::schema::NameEntry>>,
+    /// weft's resolver of the cluster's names, when it runs (several hosts).
+    #[serde(default)]
+    pub resolver: Option<crate::names::resolver::ResolverStatus>,
     /// Cluster records the mesh skipped because they are bad ("key: why").
     #[serde(default)]
     pub skipped_records: Vec<String>,
@@ -207,6 +211,7 @@ impl StatusSource {
                 .into_iter()
                 .map(|(subnet, r)| (subnet.to_string(), r.entries))
                 .collect(),
+            resolver: self.resolver.as_ref().map(|r| r.status()),
             cluster_networks: match &self.cluster_networks {
                 Some(c) => Some(c.status().await),
                 None => None,
@@ -362,6 +367,13 @@ pub fn render(s: &Status) -> String {
                 names.join(" ")
             );
         }
+    }
+    if let Some(r) = &s.resolver {
+        let _ = writeln!(
+            out,
+            "\ncontainer DNS: port {}: {} answered with the cluster's names, {} passed on, {} refused, {} unanswered by their server",
+            r.port, r.answered, r.forwarded, r.refused, r.failed
+        );
     }
     for e in &s.errors {
         let _ = writeln!(out, "\nwarning: {e}");

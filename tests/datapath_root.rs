@@ -540,3 +540,41 @@ async fn a_published_port_is_reached_from_outside_the_host_localhost_and_by_hair
     }
     dp.sync(&DesiredState::default()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root in a private netns: scripts/test.sh runs it with --ignored"]
+async fn dns_queries_are_routed_to_the_resolver_only_while_there_are_networks() {
+    assert_private_netns();
+    sh("ip link set lo up");
+    let dp = NetlinkDatapath::connect("/proc/sys/net")
+        .unwrap()
+        .with_names_port(15353);
+    let rule = || sh("ip rule show").contains("fwmark 0x77656674 lookup 30565");
+    let route = || sh("ip route show table 30565").contains("local default dev lo");
+    dp.sync(&desired()).await.unwrap();
+    assert!(rule(), "no rule for marked queries: {}", sh("ip rule show"));
+    assert!(
+        route(),
+        "no local route: {}",
+        sh("ip route show table 30565")
+    );
+    assert!(sh("nft list table inet weft").contains("tproxy ip to :15353"));
+    // Removed behind weft's back: a full resync puts both back.
+    sh("ip rule del fwmark 0x77656674 lookup 30565 && ip route flush table 30565");
+    dp.resync(&desired()).await.unwrap();
+    assert!(rule() && route(), "not repaired");
+    dp.resync(&desired()).await.unwrap();
+    assert_eq!(
+        sh("ip rule show").matches("0x77656674").count(),
+        1,
+        "the rule was added twice"
+    );
+    // No networks: nothing left behind.
+    dp.sync(&DesiredState::default()).await.unwrap();
+    assert!(!rule(), "rule left behind: {}", sh("ip rule show"));
+    assert_eq!(
+        sh("ip route show table 30565").trim(),
+        "",
+        "route left behind"
+    );
+}

@@ -69,13 +69,33 @@ lab_etcd_up() {
   lab_log "etcd did not come up"; tail -20 "$LAB_ROOT/etcd/etcd.log" >&2; return 1
 }
 
-lab_etcd_stop() {
+# The lab's DNS server, the one every lab dockerd names as its external server
+# (192.0.2.1:53 in the wan namespace): it knows upstream.test (192.0.2.99) and says
+# NXDOMAIN to everything else, so containers' outside lookups stay in the lab.
+lab_dns_up() {
+  lab_wan_up
+  [ -f "$LAB_ROOT/dns.pid" ] && return 0
+  mkdir -p "$LAB_ROOT"
+  ip netns exec "$LAB_WAN" dnsmasq --keep-in-foreground --no-resolv --no-hosts --no-poll \
+    --listen-address=192.0.2.1 --bind-interfaces --port=53 --user=root \
+    --address=/upstream.test/192.0.2.99 --log-facility="$LAB_ROOT/dns.log" \
+    --pid-file= </dev/null >>"$LAB_ROOT/dns.log" 2>&1 &
+  echo $! >"$LAB_ROOT/dns.pid"
+  disown $! 2>/dev/null || true
+}
+
+# Stops the process whose PID the file holds: TERM, KILL if it is still there after 5 s.
+lab_stop_pid_file() {
   local pid
-  pid=$(cat "$LAB_ROOT/etcd.pid" 2>/dev/null) || return 0
+  pid=$(cat "$1" 2>/dev/null) || return 0
   kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$pid" 2>/dev/null || true
 }
+
+lab_dns_stop() { lab_stop_pid_file "$LAB_ROOT/dns.pid"; }
+
+lab_etcd_stop() { lab_stop_pid_file "$LAB_ROOT/etcd.pid"; }
 
 # lab_host_up NAME INDEX: a host with underlay address 192.0.2.(10+INDEX).
 lab_host_up() {
@@ -139,7 +159,8 @@ lab_weft_stop() {
 lab_dockerd_start() {
   local host=$1 dir
   dir=$(lab_dir "$host")
-  echo '{}' >"$dir/daemon.json"
+  # The lab's DNS server (lab_dns_up), never the machine's own resolver.
+  echo '{"dns": ["192.0.2.1"]}' >"$dir/daemon.json"
   lab_spawn "$host" "$dir/dockerd.log" "$DOCKERD_BIN" --config-file "$dir/daemon.json" \
     --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
     -H "unix://$dir/docker.sock" --storage-driver vfs --userland-proxy=false >"$dir/dockerd.launcher.pid"
@@ -210,6 +231,7 @@ lab_down() {
     [ -f "$d/holder.pid" ] && lab_host_down "$(basename "$d")"
   done
   lab_etcd_stop
+  lab_dns_stop
   ip netns del "$LAB_WAN" 2>/dev/null || true
   rm -rf "$LAB_ROOT"
 }

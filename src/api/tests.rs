@@ -49,6 +49,7 @@ fn harness() -> Harness {
         mesh: None,
         cluster_networks: None,
         names: None,
+        resolver: None,
     });
     Harness {
         app: router(AppState {

@@ -24,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tracing::debug;
 
-use super::{DatapathError, DesiredState, HOST_IF_PREFIX};
+use super::{DatapathError, DesiredState, HOST_IF_PREFIX, NAMES_MARK};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
@@ -34,9 +34,9 @@ pub const TABLE: &str = "weft";
 pub const IPTABLES_CHAIN: &str = "WEFT-FORWARD";
 
 /// The nftables script that replaces table `inet weft` with `desired` (`tunnel_if`:
-/// the WireGuard interface, on several hosts). With no networks the table is only
-/// deleted.
-pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
+/// the WireGuard interface, on several hosts; `names_port`: weft's resolver, which
+/// takes containers' DNS queries). With no networks the table is only deleted.
+pub fn render(desired: &DesiredState, tunnel_if: Option<&str>, names_port: Option<u16>) -> String {
     let mut s = String::new();
     // Create-then-delete makes the delete valid whether or not the table exists.
     let _ = writeln!(s, "table inet {TABLE}\ndelete table inet {TABLE}");
@@ -76,8 +76,23 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
         "  chain prerouting {{\n    type filter hook prerouting priority -150; policy accept;\n    \
          iifname \"{HOST_IF_PREFIX}*\" meta nfproto ipv6 drop\n    \
          iifname \"{HOST_IF_PREFIX}*\" fib saddr . iif oif missing drop\n    \
-         iif != \"lo\" ip daddr 127.0.0.0/8 drop\n  }}"
+         iif != \"lo\" ip daddr 127.0.0.0/8 drop"
     );
+    // DNS queries from containers to servers outside weft's subnets (dockerd's
+    // embedded DNS passing on a name it does not know) go to weft's resolver, which
+    // learns where each was going (TPROXY keeps the destination). With no resolver
+    // listening, TPROXY does not match and the query goes on as before. A server on
+    // the host itself is left alone: its reply could not leave from its own address.
+    if let Some(port) = names_port {
+        for proto in ["udp", "tcp"] {
+            let _ = writeln!(
+                s,
+                "    iifname \"{HOST_IF_PREFIX}*\" ip daddr != @subnets fib daddr type != local \
+                 {proto} dport 53 tproxy ip to :{port} meta mark set {NAMES_MARK:#x} accept"
+            );
+        }
+    }
+    let _ = writeln!(s, "  }}");
     // weft's own links, and the tunnel from other hosts' containers.
     let weft_ifs = match tunnel_if {
         Some(t) => format!("{{ \"{HOST_IF_PREFIX}*\", \"{t}\" }}"),
@@ -109,10 +124,20 @@ pub fn render(desired: &DesiredState, tunnel_if: Option<&str>) -> String {
     // network has host access; never another network's gateway.
     let _ = writeln!(
         s,
-        "  chain input {{\n    type filter hook input priority -5; policy accept;\n    \
-         iifname != {weft_ifs} accept\n    \
-         ct state established,related accept"
+        "  chain input {{\n    type filter hook input priority -5; policy accept;"
     );
+    if let Some(port) = names_port {
+        // The resolver only takes queries TPROXY hands it (their port is 53), never
+        // ones addressed to its own port, from anywhere.
+        let _ = writeln!(s, "    meta l4proto {{ tcp, udp }} th dport {port} drop");
+    }
+    let _ = writeln!(
+        s,
+        "    iifname != {weft_ifs} accept\n    ct state established,related accept"
+    );
+    if names_port.is_some() {
+        let _ = writeln!(s, "    meta mark {NAMES_MARK:#x} accept");
+    }
     if !gateways.is_empty() {
         for n in &desired.networks {
             match n.gateway {
@@ -268,8 +293,9 @@ async fn run_within(
 pub async fn apply_nftables(
     desired: &DesiredState,
     tunnel_if: Option<&str>,
+    names_port: Option<u16>,
 ) -> Result<(), DatapathError> {
-    apply_script(&render(desired, tunnel_if)).await
+    apply_script(&render(desired, tunnel_if, names_port)).await
 }
 
 /// Runs an nftables script as one transaction.
@@ -400,7 +426,7 @@ mod tests {
     fn published_ports_are_dnat_from_outside_and_the_host_with_hairpin_and_localhost() {
         use crate::ports::{Proto, Published};
         let mut desired = state();
-        let r = render(&desired, Some("weft0"));
+        let r = render(&desired, Some("weft0"), None);
         assert!(!r.contains("dnat ip to"), "nothing published: no DNAT");
         assert!(!r.contains("chain publish_in"));
         // Containers may not use the host's loopback, which route_localnet opens.
@@ -414,7 +440,7 @@ mod tests {
                 container_port: 80,
             },
         ));
-        let r = render(&desired, Some("weft0"));
+        let r = render(&desired, Some("weft0"), None);
         let dnat = "fib daddr type local tcp dport 8080 dnat ip to 10.42.0.5:80";
         for (chain, hook) in [("publish_in", "prerouting"), ("publish_local", "output")] {
             let at = r.find(&format!("chain {chain}")).expect(chain);
@@ -447,7 +473,7 @@ mod tests {
 
     #[test]
     fn ruleset_isolates_networks_prevents_spoofing_and_masquerades_only_non_internal() {
-        let r = render(&state(), None);
+        let r = render(&state(), None, None);
         assert!(r.starts_with("table inet weft\ndelete table inet weft\n"));
         assert!(r.contains("iifname \"wfh*\" fib saddr . iif oif missing drop"));
         assert!(!r.contains("wfh0"), "no rule or element per container");
@@ -467,7 +493,7 @@ mod tests {
             internal: false,
             host_access: true,
         });
-        let r = render(&desired, Some("weft0"));
+        let r = render(&desired, Some("weft0"), None);
         // Into weft's subnets only from its links, the tunnel, or published (DNAT).
         assert!(r.contains(
             "ip daddr @subnets ct state != { established, related } iifname != { \"wfh*\", \"weft0\" } ct status ! dnat drop"
@@ -487,9 +513,8 @@ mod tests {
         );
         assert!(input.trim_end().ends_with("drop\n  }"), "{input}");
         // One host: no tunnel.
-        assert!(
-            render(&desired, None).contains("related } iifname != \"wfh*\" ct status ! dnat drop")
-        );
+        assert!(render(&desired, None, None)
+            .contains("related } iifname != \"wfh*\" ct status ! dnat drop"));
     }
 
     #[test]
@@ -524,9 +549,48 @@ mod tests {
     }
 
     #[test]
+    fn dns_queries_to_outside_servers_go_to_the_resolver_which_takes_nothing_else() {
+        let r = render(&state(), Some("weft0"), None);
+        assert!(
+            !r.contains("tproxy") && !r.contains("15353"),
+            "no resolver: no interception"
+        );
+        let r = render(&state(), Some("weft0"), Some(15353));
+        let pre = &r[r.find("chain prerouting").unwrap()..r.find("chain forward").unwrap()];
+        for proto in ["udp", "tcp"] {
+            let rule = format!(
+                "iifname \"wfh*\" ip daddr != @subnets fib daddr type != local {proto} dport 53 tproxy ip to :15353 meta mark set 0x77656674 accept"
+            );
+            // After the anti-spoofing check: a forged source never reaches it.
+            assert!(
+                pre.find(&rule).expect(&rule)
+                    > pre.find("fib saddr . iif oif missing drop").unwrap()
+            );
+        }
+        let input = &r[r.find("chain input").unwrap()..r.find("chain postrouting").unwrap()];
+        let refuse = input
+            .find("meta l4proto { tcp, udp } th dport 15353 drop")
+            .expect("the resolver's own port is shut");
+        assert!(
+            refuse
+                < input
+                    .find("iifname != { \"wfh*\", \"weft0\" } accept")
+                    .unwrap()
+        );
+        let take = input
+            .find("meta mark 0x77656674 accept")
+            .expect("handed-over queries");
+        assert!(
+            take < input
+                .find("ip saddr 10.42.0.0/16 ip daddr @gateways")
+                .unwrap()
+        );
+    }
+
+    #[test]
     fn no_networks_means_no_table() {
         assert_eq!(
-            render(&DesiredState::default(), Some("weft0")),
+            render(&DesiredState::default(), Some("weft0"), None),
             "table inet weft\ndelete table inet weft\n"
         );
     }

@@ -44,6 +44,14 @@ pub struct NetworkSpec {
     pub host_access: bool,
 }
 
+/// Containers' DNS queries to servers outside weft's subnets go to weft's resolver
+/// (issue 12): nftables TPROXY marks them with this, and a rule sends marked packets
+/// to a table whose one route delivers everything locally ("weft" in ASCII).
+pub const NAMES_MARK: u32 = 0x7765_6674;
+/// The routing table of marked DNS queries, and its rule's priority (before `main`).
+pub const NAMES_TABLE: u32 = 30565;
+pub const NAMES_RULE_PRIORITY: u32 = 30565;
+
 /// The host-wide desired state of this host's datapath. Endpoints are not part of
 /// it: each has its own links and route ([`Datapath::setup_endpoint`]), and the
 /// firewall checks a container's source address against that route, so nothing

@@ -13,13 +13,14 @@ use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::{Handle, IpVersion, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tracing::{debug, info, warn};
 
 use super::sysctl::Sysctl;
 use super::{
     firewall, Datapath, DatapathError, DesiredState, EndpointSpec, CONTAINER_IF_PREFIX,
-    GATEWAY_LINK, HOST_IF_PREFIX,
+    GATEWAY_LINK, HOST_IF_PREFIX, NAMES_MARK, NAMES_RULE_PRIORITY, NAMES_TABLE,
 };
 use crate::ports::Proto;
 
@@ -39,6 +40,11 @@ pub struct NetlinkDatapath {
     nft_applied: std::sync::Mutex<Option<DesiredState>>,
     /// The tunnel interface whose traffic to containers is accepted, if any.
     tunnel_if: Option<String>,
+    /// The port of weft's resolver, which takes containers' DNS queries, if it runs.
+    names_port: Option<u16>,
+    /// Whether the routing of those queries to the resolver was last set up (true)
+    /// or removed (false).
+    names_routing: std::sync::Mutex<Option<bool>>,
     /// One dump at a time on the shared netlink socket: the kernel answers a second
     /// concurrent dump with EBUSY (the mesh and the driver both dump routes).
     dumps: tokio::sync::Mutex<()>,
@@ -147,6 +153,8 @@ impl NetlinkDatapath {
             iptables_checked: std::sync::Mutex::new(None),
             nft_applied: std::sync::Mutex::new(None),
             tunnel_if: None,
+            names_port: None,
+            names_routing: std::sync::Mutex::new(None),
             dumps: tokio::sync::Mutex::new(()),
         })
     }
@@ -154,6 +162,12 @@ impl NetlinkDatapath {
     /// Accepts forwarded traffic from `tunnel_if` to containers (multi-host).
     pub fn with_tunnel(mut self, tunnel_if: &str) -> Self {
         self.tunnel_if = Some(tunnel_if.to_string());
+        self
+    }
+
+    /// Hands containers' DNS queries to weft's resolver on `port` (several hosts).
+    pub fn with_names_port(mut self, port: u16) -> Self {
+        self.names_port = Some(port);
         self
     }
 
@@ -427,6 +441,7 @@ impl NetlinkDatapath {
             self.sync_gateways(desired).await,
             self.sync_routes(desired).await,
             self.sync_nftables(desired, full).await,
+            self.sync_names_routing(desired, full).await,
         ] {
             if let Err(e) = result {
                 errors.push(e);
@@ -460,10 +475,95 @@ impl NetlinkDatapath {
         if unchanged {
             return Ok(());
         }
-        let result = firewall::apply_nftables(desired, self.tunnel_if.as_deref()).await;
+        let result =
+            firewall::apply_nftables(desired, self.tunnel_if.as_deref(), self.names_port).await;
         *self.nft_applied.lock().unwrap_or_else(|p| p.into_inner()) =
             result.is_ok().then(|| desired.clone());
         result
+    }
+
+    /// The rule and route that deliver DNS queries marked by TPROXY to the resolver's
+    /// socket (`ip rule fwmark 0x77656674 lookup 30565`, `local 0.0.0.0/0 dev lo
+    /// table 30565`), while there are networks; gone when there are none.
+    async fn sync_names_routing(
+        &self,
+        desired: &DesiredState,
+        full: bool,
+    ) -> Result<(), DatapathError> {
+        let wanted = self.names_port.is_some() && !desired.networks.is_empty();
+        let last = *self.names_routing.lock().unwrap_or_else(|p| p.into_inner());
+        if !full && last == Some(wanted) {
+            return Ok(());
+        }
+        if !wanted && last.is_none() && self.names_port.is_none() {
+            return Ok(()); // never set up by this process, and never will be
+        }
+        let result = self.apply_names_routing(wanted).await;
+        *self.names_routing.lock().unwrap_or_else(|p| p.into_inner()) =
+            result.is_ok().then_some(wanted);
+        result
+    }
+
+    async fn apply_names_routing(&self, wanted: bool) -> Result<(), DatapathError> {
+        let rules: Vec<RuleMessage> = {
+            let _dump = self.dumps.lock().await;
+            self.handle
+                .rule()
+                .get(IpVersion::V4)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| classify("list routing rules", e))?
+        };
+        let ours = |r: &RuleMessage| {
+            r.attributes.contains(&RuleAttribute::FwMark(NAMES_MARK))
+                && r.attributes.contains(&RuleAttribute::Table(NAMES_TABLE))
+        };
+        let lo = self
+            .link("lo")
+            .await?
+            .ok_or_else(|| DatapathError::NotFound {
+                what: "link lo".into(),
+            })?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .table_id(NAMES_TABLE)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .output_interface(lo.index)
+            .build();
+        if !wanted {
+            let mut errors = Vec::new();
+            for rule in rules.into_iter().filter(ours) {
+                let r = self.handle.rule().del(rule).execute().await;
+                if let Err(e) = gone_ok(r.map_err(|e| classify("delete the DNS rule", e))) {
+                    errors.push(e);
+                }
+            }
+            let r = self.handle.route().del(route).execute().await;
+            if let Err(e) = gone_ok(r.map_err(|e| classify("delete the DNS route", e))) {
+                errors.push(e);
+            }
+            return DatapathError::collect(errors);
+        }
+        let r = self.handle.route().add(route).replace().execute().await;
+        r.map_err(|e| classify(format!("local route in table {NAMES_TABLE}"), e))?;
+        if !rules.iter().any(ours) {
+            let r = self
+                .handle
+                .rule()
+                .add()
+                .v4()
+                .fw_mark(NAMES_MARK)
+                .table_id(NAMES_TABLE)
+                .priority(NAMES_RULE_PRIORITY)
+                .action(RuleAction::ToTable)
+                .execute()
+                .await;
+            r.map_err(|e| classify(format!("rule fwmark {NAMES_MARK:#x}"), e))?;
+        }
+        Ok(())
     }
 
     async fn sync_iptables(&self, active: bool) -> Result<(), DatapathError> {

@@ -3,6 +3,10 @@
 //! so they vanish with the host. Docker tells a driver no container name: they come
 //! from this host's dockerd ([`Engine::container_endpoints`]), matched to weft's own
 //! endpoints by endpoint ID (the address is weft's, the authority on it).
+//! [`resolver`] answers containers' queries for them from every host's records.
+
+pub mod directory;
+pub mod resolver;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

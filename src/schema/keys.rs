@@ -212,6 +212,11 @@ pub fn cluster_network(name: &str) -> String {
     Key::ClusterNetwork(name.to_string()).to_string()
 }
 
+/// Every host's container names on the network of `subnet`.
+pub fn names_of(subnet: Ipv4Network) -> String {
+    format!("{NAMES}{}/", cidr_segment(subnet))
+}
+
 pub fn names(subnet: Ipv4Network, host: &str) -> String {
     Key::Names {
         subnet,

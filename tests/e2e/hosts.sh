@@ -16,3 +16,11 @@ has_network() { D "$1" network inspect "$2" >/dev/null 2>&1; }
 # etcdctl against the lab's etcd; host_id HOST: the weft host id of HOST.
 etcdctl_lab() { ip netns exec "$LAB_WAN" etcdctl --endpoints http://192.0.2.1:2379 "$@"; }
 host_id() { cat "$(lab_dir "$1")/state/host-id"; }
+# lookup HOST CONTAINER NAME: the addresses NAME resolves to in CONTAINER, sorted, on
+# one line (busybox nslookup, through dockerd's embedded DNS).
+lookup() {
+  { D "$1" exec "$2" nslookup "$3" 2>/dev/null || true; } |
+    awk '/^Name:/ { found = 1 } found && /^Address/ { print $NF }' | sort | xargs
+}
+# resolves HOST CONTAINER NAME ADDRESSES: NAME resolves to exactly ADDRESSES there.
+resolves() { [ "$(lookup "$1" "$2" "$3")" = "$4" ]; }

@@ -301,6 +301,54 @@ test_cluster_network_is_created_once_for_every_host() {
     fail "h2's status does not show its copy as a cluster network"
 }
 
+# Names across hosts (issue 12): a container on h2 reaches h1's by name (ping, wget);
+# an alias resolves to every holder; a name never resolves from another network;
+# other names resolve as before, also while weft is down; a removed container's name
+# stops resolving within seconds; 20 lookups at once all get their answer.
+test_names_resolve_across_hosts() {
+  trap 'trap - ERR; set +e; D h1 rm -f web web-b >/dev/null 2>&1; D h2 rm -f stranger >/dev/null 2>&1' EXIT
+  run_bb h1 web --network shared --network-alias shop
+  run_bb h1 web-b --network shared --network-alias shop
+  D h1 exec web sh -c 'mkdir -p /www && echo marker-web >/www/index.html && httpd -p 80 -h /www'
+  local web web_b
+  web=$(ip_of h1 web shared); web_b=$(ip_of h1 web-b shared)
+  retry 25 resolves h2 s2 web "$web" ||
+    fail "web does not resolve on h2: '$(lookup h2 s2 web)' (want $web); h1 publishes: $(weft_status h1 | jq -c .names)"
+  D h2 exec s2 ping -c 1 -W 2 web >/dev/null || fail "ping web from h2"
+  D h2 exec s2 timeout 5 wget -q -O - http://web/ | grep -q marker-web || fail "wget http://web/ from h2"
+  retry 25 resolves h2 s2 shop "$(printf '%s\n' "$web" "$web_b" | sort | xargs)" ||
+    fail "the alias shop: '$(lookup h2 s2 shop)', want $web and $web_b"
+  # Never from another network: a container of network app on h2 does not get it.
+  run_bb h2 stranger --network app
+  [ -z "$(lookup h2 stranger web)" ] || fail "web resolved from network app: $(lookup h2 stranger web)"
+  # Other names as before: the lab's DNS server answers upstream.test, through weft.
+  resolves h2 s2 upstream.test 192.0.2.99 || fail "upstream.test: '$(lookup h2 s2 upstream.test)'"
+  weft_status h2 | jq -e '.resolver.answered > 0 and .resolver.forwarded > 0' >/dev/null ||
+    fail "h2's resolver counters: $(weft_status h2 | jq -c .resolver)"
+  # 20 lookups at once, every one answered.
+  local out
+  out=$(D h2 exec s2 sh -c 'for i in $(seq 20); do (nslookup web >/tmp/l$i 2>&1; grep -c "^Address: '"$web"'" /tmp/l$i) & done; wait')
+  [ "$(echo "$out" | grep -c '^1$')" = 20 ] || fail "20 lookups at once: $(echo "$out" | xargs)"
+  # weft down on h2: other names still resolve (nothing takes the queries); back up,
+  # the cluster's names again.
+  lab_weft_stop h2 TERM
+  resolves h2 s2 upstream.test 192.0.2.99 || fail "upstream.test while weft is down: '$(lookup h2 s2 upstream.test)'"
+  lab_weft_start h2 || fail "weft did not come back on h2"
+  retry 25 resolves h2 s2 web "$web" || fail "web after weft restarted on h2: '$(lookup h2 s2 web)'"
+  # A removed container's name goes within seconds.
+  local started gone
+  started=$(date +%s%N)
+  D h1 rm -f web >/dev/null
+  until [ -z "$(lookup h2 s2 web)" ]; do
+    [ $(( ($(date +%s%N) - started) / 1000000 )) -lt 10000 ] || fail "web still resolves 10 s after its removal"
+    sleep 0.2
+  done
+  gone=$(( ($(date +%s%N) - started) / 1000000 ))
+  echo "    web stopped resolving on h2 ${gone} ms after docker rm began on h1"
+  [ "$gone" -le 5000 ] || fail "web resolved for ${gone} ms after its removal (bound 5000 ms)"
+  resolves h2 s2 shop "$web_b" || fail "shop after web went: '$(lookup h2 s2 shop)'"
+}
+
 clash_reported_on_h2() {
   weft_status h2 | jq -e '.cluster_networks.problems | any(contains("taken") and contains("driver bridge"))' >/dev/null
 }
@@ -370,6 +418,7 @@ main() {
   [ -x "$WEFT_BIN" ] || { echo "multi_host: build $WEFT_BIN first"; exit 1; }
   echo "== weft end-to-end across hosts: $($DOCKERD_BIN --version)"
   lab_etcd_up || exit 1
+  lab_dns_up
   for i in 1 2; do lab_host_up "h$i" "$i" && lab_image "h$i" || { echo "multi_host: lab did not come up"; exit 1; }; done
   for t in \
     test_network_on_every_host_and_cross_host_traffic \
@@ -379,6 +428,7 @@ main() {
     test_remote_blocks_are_routed_only_for_pools_this_host_has_a_network_in \
     test_a_port_is_published_on_the_host_where_its_container_runs \
     test_cluster_network_is_created_once_for_every_host \
+    test_names_resolve_across_hosts \
     test_cluster_network_name_clash_is_reported_never_overwritten \
     test_cluster_network_removed_everywhere_but_where_still_used \
     test_weft_restart_during_cross_host_ping_loses_nothing \

@@ -73,6 +73,7 @@ test_restart_always_container_comes_back_after_dockerd_restart() {
 
 test_two_hosts_with_the_managed_plugin_and_etcd() {
   lab_etcd_up
+  lab_dns_up
   for h in q1 q2; do
     i=${h#q}; lab_host_up "$h" $((i + 4)) && lab_image "$h"
     install_plugin "$h" WEFT_ETCD_ENDPOINTS=http://192.0.2.1:2379
@@ -92,6 +93,10 @@ test_two_hosts_with_the_managed_plugin_and_etcd() {
   run_bb q2 qc --network everywhere
   run_bb q1 qd --network everywhere
   retry 25 pings q2 qc "$(ip_of q1 qd everywhere)"
+  # Names across hosts: the plugin's resolver answers q1's container by name on q2
+  # and passes the rest on.
+  retry 25 resolves q2 qc qd "$(ip_of q1 qd everywhere)" || fail "qd on q2: '$(lookup q2 qc qd)'"
+  resolves q2 qc upstream.test 192.0.2.99 || fail "upstream.test on q2: '$(lookup q2 qc upstream.test)'"
 }
 
 # A user installs from a registry: create + push, rm, then install --alias weft. The

@@ -1,0 +1,211 @@
+use std::sync::atomic::Ordering;
+
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+use super::*;
+use crate::datapath::fake::FakeDatapath;
+use crate::driver::DriverConfig;
+use crate::schema::NameEntry;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::switchable::Switchable;
+
+const OPEN: &str = "0a00000000000000000000000000000000000000000000000000000000000001";
+const SHUT: &str = "0b00000000000000000000000000000000000000000000000000000000000002";
+
+/// A host with two weft networks, 10.60.0.0/24 and an internal 10.61.0.0/24, and a
+/// cluster store other hosts publish names into.
+async fn resolver() -> (Resolver, Arc<Switchable>) {
+    let local = Arc::new(EmbeddedStore::in_memory());
+    let cluster = Arc::new(Switchable::new());
+    let driver = Arc::new(
+        Driver::new(
+            local,
+            Arc::new(FakeDatapath::new()),
+            DriverConfig::default(),
+        )
+        .with_cluster(cluster.clone(), "h2".into()),
+    );
+    for (id, pool, internal) in [(OPEN, "10.60.0.0/24", false), (SHUT, "10.61.0.0/24", true)] {
+        driver
+            .create_network(
+                serde_json::from_value(serde_json::json!({
+                    "NetworkID": id,
+                    "Options": {"com.docker.network.internal": internal},
+                    "IPv4Data": [{"Pool": pool}],
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    (
+        Resolver::new(DEFAULT_PORT, cluster.clone(), driver),
+        cluster,
+    )
+}
+
+async fn publish(store: &Switchable, subnet: &str, host: &str, entries: &[(&str, &str)]) {
+    let record = NamesRecord {
+        entries: entries
+            .iter()
+            .map(|(address, name)| NameEntry {
+                address: address.parse().unwrap(),
+                container: "c0".into(),
+                names: [name.to_string()].into(),
+            })
+            .collect(),
+    };
+    let key = keys::names(subnet.parse().unwrap(), host);
+    store.inner.delete(&key, None).await.unwrap();
+    store
+        .inner
+        .create(&key, serde_json::to_vec(&record).unwrap())
+        .await
+        .unwrap();
+}
+
+fn ask(name: &str) -> Vec<u8> {
+    let mut m = Message::query();
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    m.to_vec().unwrap()
+}
+
+fn addresses(d: Decision) -> Vec<Ipv4Addr> {
+    let Decision::Reply(bytes) = d else {
+        panic!("not answered: {d:?}");
+    };
+    Message::from_vec(&bytes)
+        .unwrap()
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect()
+}
+
+fn from(a: &str) -> Ipv4Addr {
+    a.parse().unwrap()
+}
+
+#[tokio::test]
+async fn names_are_answered_only_to_their_own_network() {
+    let (r, store) = resolver().await;
+    publish(&store, "10.60.0.0/24", "h1", &[("10.60.0.2", "web")]).await;
+    publish(&store, "10.61.0.0/24", "h1", &[("10.61.0.2", "vault")]).await;
+
+    assert_eq!(
+        addresses(r.decide(&ask("web."), from("10.60.0.9"), true).await),
+        [from("10.60.0.2")]
+    );
+    // Another network's name goes on to the server the query was for.
+    assert_eq!(
+        r.decide(&ask("vault."), from("10.60.0.9"), true).await,
+        Decision::Forward
+    );
+    assert_eq!(
+        r.decide(&ask("example.org."), from("10.60.0.9"), true)
+            .await,
+        Decision::Forward
+    );
+    // Nothing for sources on no weft network.
+    assert_eq!(
+        r.decide(&ask("web."), from("192.0.2.7"), true).await,
+        Decision::Drop
+    );
+    let s = r.status();
+    assert_eq!((s.answered, s.forwarded, s.refused), (1, 2, 1));
+}
+
+#[tokio::test]
+async fn an_internal_network_gets_its_names_and_a_refusal_for_the_rest() {
+    let (r, store) = resolver().await;
+    publish(&store, "10.61.0.0/24", "h1", &[("10.61.0.2", "vault")]).await;
+    assert_eq!(
+        addresses(r.decide(&ask("vault."), from("10.61.0.5"), true).await),
+        [from("10.61.0.2")]
+    );
+    let Decision::Reply(bytes) = r
+        .decide(&ask("example.org."), from("10.61.0.5"), true)
+        .await
+    else {
+        panic!("an internal network's outside query must be refused, not passed on");
+    };
+    let m = Message::from_vec(&bytes).unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(m.queries.len(), 1);
+}
+
+#[tokio::test]
+async fn a_removed_name_stops_resolving_and_an_outage_keeps_the_last_names() {
+    let (r, store) = resolver().await;
+    publish(
+        &store,
+        "10.60.0.0/24",
+        "h1",
+        &[("10.60.0.2", "web"), ("10.60.0.3", "db")],
+    )
+    .await;
+    assert_eq!(
+        addresses(r.decide(&ask("db."), from("10.60.0.9"), true).await).len(),
+        1
+    );
+
+    publish(&store, "10.60.0.0/24", "h1", &[("10.60.0.2", "web")]).await;
+    tokio::time::sleep(FRESH_FOR + Duration::from_millis(100)).await;
+    assert_eq!(
+        r.decide(&ask("db."), from("10.60.0.9"), true).await,
+        Decision::Forward
+    );
+
+    // etcd down: the names last read still answer.
+    store.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(FRESH_FOR + Duration::from_millis(100)).await;
+    assert_eq!(
+        addresses(r.decide(&ask("web."), from("10.60.0.9"), true).await),
+        [from("10.60.0.2")]
+    );
+}
+
+#[tokio::test]
+async fn a_forwarded_query_gets_the_servers_own_reply() {
+    // A stand-in for the server the query was going to, on loopback.
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let SocketAddr::V4(at) = server.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let serve = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        let (n, peer) = server.recv_from(&mut buf).await.unwrap();
+        // A stray datagram first (another ID), then the reply.
+        server.send_to(b"\xff\xffstray", peer).await.unwrap();
+        let mut reply = buf[..n].to_vec();
+        reply.extend_from_slice(b"-answered");
+        server.send_to(&reply, peer).await.unwrap();
+    });
+    let query = ask("example.org.");
+    let reply = forward_udp(&query, at).await.unwrap();
+    assert_eq!(&reply[..query.len()], &query[..]);
+    assert!(reply.ends_with(b"-answered"));
+    serve.await.unwrap();
+}
+
+#[tokio::test]
+async fn tcp_messages_are_framed_with_their_length() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let echo = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let m = read_framed(&mut s).await.unwrap().unwrap();
+        write_framed(&mut s, &m).await.unwrap();
+        assert_eq!(read_framed(&mut s).await.unwrap(), None, "clean end");
+    });
+    let mut c = TcpStream::connect(at).await.unwrap();
+    let query = ask("web.");
+    write_framed(&mut c, &query).await.unwrap();
+    assert_eq!(read_framed(&mut c).await.unwrap().unwrap(), query);
+    drop(c);
+    echo.await.unwrap();
+}
