@@ -17,9 +17,11 @@ packages=(
   iproute2 nftables iptables wireguard-go wireguard-tools
   # testing: dockerd and what it runs, etcd, the test image, probes, the registry
   # for the managed-plugin install path, the fresh-machine check, systemd-analyze
-  # for the unit, and dnsmasq as the lab's DNS server (names across hosts)
+  # for the unit, dnsmasq as the lab's DNS server and Debian's docker-compose (names
+  # across hosts)
   docker.io containerd runc etcd-server etcd-client busybox-static tcpdump curl
   python3 jq util-linux iperf3 docker-registry mmdebstrap systemd dnsmasq-base
+  docker-compose
 )
 
 # The userspace WireGuard with TUN and UDP offloads (GSO/GRO) is wireguard-go

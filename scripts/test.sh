@@ -84,7 +84,7 @@ if [ "${WEFT_SKIP_DOCKER26:-0}" != 1 ]; then
   step "end to end, dockerd 26.1"
   DOCKERD_BIN=$(scripts/dockerd-26.sh) tests/e2e/single_host.sh
   step "cluster networks and names across hosts, dockerd 26.1 (those tests of the multi-host suite)"
-  DOCKERD_BIN=$(scripts/dockerd-26.sh) E2E_ONLY='^test_(cluster_network_(is_created|name_clash|removed)|names_)' \
+  DOCKERD_BIN=$(scripts/dockerd-26.sh) E2E_ONLY='^test_(cluster_network_(is_created|name_clash|removed)|names_|compose_)' \
     tests/e2e/multi_host.sh
 fi
 

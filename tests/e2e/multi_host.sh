@@ -349,6 +349,53 @@ test_names_resolve_across_hosts() {
   resolves h2 s2 shop "$web_b" || fail "shop after web went: '$(lookup h2 s2 shop)'"
 }
 
+# compose HOST PROJECT FILE ARGS…: Debian's docker-compose (1.29) against HOST's dockerd.
+compose() {
+  local h=$1 project=$2 file=$3; shift 3
+  docker-compose -H "unix://$(lab_dir "$h")/docker.sock" -p "$project" -f "$file" "$@"
+}
+
+# Compose across hosts (issue 12): compose files whose network is external and is
+# the cluster network `shared` run services on two hosts, which find each other by
+# service name (the alias compose gives each container).
+test_compose_services_on_two_hosts_find_each_other_by_name() {
+  local dir=$LAB_ROOT/compose
+  mkdir -p "$dir"
+  trap 'trap - ERR; set +e; compose h1 back "$LAB_ROOT/compose/back.yml" down >/dev/null 2>&1; compose h2 front "$LAB_ROOT/compose/front.yml" down >/dev/null 2>&1' EXIT
+  cat >"$dir/back.yml" <<YML
+version: "3.7"
+services:
+  api:
+    image: $LAB_IMAGE
+    command: sh -c 'mkdir -p /www && echo marker-api >/www/index.html && exec httpd -f -p 80 -h /www'
+networks:
+  default:
+    external: true
+    name: shared
+YML
+  cat >"$dir/front.yml" <<YML
+version: "3.7"
+services:
+  client:
+    image: $LAB_IMAGE
+    command: sleep 3600
+networks:
+  default:
+    external: true
+    name: shared
+YML
+  compose h1 back "$dir/back.yml" up -d >/dev/null 2>&1 || fail "compose up on h1: $(compose h1 back "$dir/back.yml" up -d 2>&1 | tail -3)"
+  compose h2 front "$dir/front.yml" up -d >/dev/null 2>&1 || fail "compose up on h2: $(compose h2 front "$dir/front.yml" up -d 2>&1 | tail -3)"
+  local api
+  api=$(ip_of h1 back_api_1 shared)
+  retry 25 resolves h2 front_client_1 api "$api" || fail "api on h2: '$(lookup h2 front_client_1 api)' (want $api)"
+  compose h2 front "$dir/front.yml" exec -T client wget -q -O - http://api/ | grep -q marker-api ||
+    fail "client on h2 cannot fetch http://api/ from h1"
+  # And back: the client's service name resolves on h1.
+  retry 25 resolves h1 back_api_1 client "$(ip_of h2 front_client_1 shared)" ||
+    fail "client on h1: '$(lookup h1 back_api_1 client)'"
+}
+
 clash_reported_on_h2() {
   weft_status h2 | jq -e '.cluster_networks.problems | any(contains("taken") and contains("driver bridge"))' >/dev/null
 }
@@ -429,6 +476,7 @@ main() {
     test_a_port_is_published_on_the_host_where_its_container_runs \
     test_cluster_network_is_created_once_for_every_host \
     test_names_resolve_across_hosts \
+    test_compose_services_on_two_hosts_find_each_other_by_name \
     test_cluster_network_name_clash_is_reported_never_overwritten \
     test_cluster_network_removed_everywhere_but_where_still_used \
     test_weft_restart_during_cross_host_ping_loses_nothing \
