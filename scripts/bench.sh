@@ -22,8 +22,8 @@ done
 scripts/deps.sh
 cargo build --locked --release >/dev/null 2>&1 || cargo build --locked --release
 
-if [ "$quick" = 1 ]; then RUNS=1 SECS=2 PINGS=20 STARTS=3 CHURN=5 ALLOCS=100 BIG=4 BURST=5 BURSTS=1 MESH=10,100 JOINS=2
-else RUNS=5 SECS=8 PINGS=300 STARTS=50 CHURN=100 ALLOCS=400 BIG=10 BURST=20 BURSTS=3 MESH=10,100,1000 JOINS=10; fi
+if [ "$quick" = 1 ]; then RUNS=1 SECS=2 PINGS=20 STARTS=3 CHURN=5 ALLOCS=100 BIG=4 BURST=5 BURSTS=1 MESH=10,100 JOINS=2 LOOKUPS=20
+else RUNS=5 SECS=8 PINGS=300 STARTS=50 CHURN=100 ALLOCS=400 BIG=10 BURST=20 BURSTS=3 MESH=10,100,1000 JOINS=10 LOOKUPS=100; fi
 CLIENTS=20
 
 export LAB_ROOT=/tmp/weft-bench-$$ LAB_PREFIX=wbn$$ WEFT_LOG=info,weft::api=debug WEFT_HOST_TTL=5
@@ -81,6 +81,7 @@ iperf_gbps() { # HOST-EXEC-PREFIX… -- SERVER-IP STREAMS
 
 log "lab: etcd and two hosts"
 lab_etcd_up
+lab_dns_up
 for i in 1 2; do lab_host_up "h$i" "$i" >/dev/null && lab_image "h$i"; done
 for h in h1 h2; do D $h network create -d weft --ipam-driver weft --subnet 10.42.0.0/16 app >/dev/null; done
 D h1 run -d --name c1 --network app "$LAB_IMAGE" sleep 36000 >/dev/null
@@ -426,6 +427,28 @@ done
 record "docker network create, a weft network of one host" ms "${local_create[@]}"
 [ "${#propagated[@]}" = 0 ] ||
   record "cluster network: docker network create on h1 until h2's dockerd has it" ms --baseline "docker network create, a weft network of one host" "${propagated[@]}"
+# Name lookups from c2 on h2: of c1, a container of h1 (answered by weft's resolver on
+# h2 from the cluster's names), against c2's own name (answered by dockerd's embedded
+# DNS alone). busybox nslookup asks A and AAAA; LOOKUPS of them in one docker exec.
+# lookup_ms NAME: milliseconds per lookup.
+lookup_ms() {
+  local t0 t1
+  t0=$(date +%s%N)
+  D h2 exec c2 sh -c "for i in \$(seq $LOOKUPS); do nslookup $1 >/dev/null 2>&1 || exit 1; done" || return 1
+  t1=$(date +%s%N)
+  python3 -c "print(($t1 - $t0) / 1e6 / $LOOKUPS)"
+}
+C1=$(ip_of h1 c1 app)
+for _ in $(seq 50); do D h2 exec c2 nslookup c1 2>/dev/null | grep -q "Address: $C1" && break; sleep 0.2; done
+local_lookup=() remote_lookup=()
+for _ in $(seq "$RUNS"); do
+  l=$(lookup_ms c2) && r=$(lookup_ms c1) || { log "a name lookup failed"; break; }
+  local_lookup+=("$l") remote_lookup+=("$r")
+done
+if [ "${#remote_lookup[@]}" -gt 0 ]; then
+  record "name lookup of a container of this host (dockerd's embedded DNS)" ms "${local_lookup[@]}"
+  record "name lookup of a container of another host (weft's resolver)" ms --baseline "name lookup of a container of this host (dockerd's embedded DNS)" "${remote_lookup[@]}"
+fi
 others=(h1 h2 h3)
 for i in $(seq 4 $((BIG - 1))); do LAB_DOCKERD=0 lab_host_up "h$i" "$i" >/dev/null; others+=("h$i"); done
 sleep 2

@@ -270,9 +270,14 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             engine.clone(),
         ));
         if let Some(c) = &clustered {
-            tokio::spawn(crate::cluster_networks::watch_etcd(
+            // Other hosts follow a creation or removal at once (the timer is the fallback).
+            tokio::spawn(crate::store::etcd::wake_on_changes(
                 c.etcd.client(),
-                c.etcd.prefix().to_string(),
+                format!(
+                    "{}{}",
+                    c.etcd.prefix(),
+                    crate::schema::keys::CLUSTER_NETWORKS
+                ),
                 networks.wake(),
             ));
         }
@@ -281,15 +286,26 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         None
     };
     let mut names = None;
-    let resolver = resolver_sockets.map(|sockets| {
-        let r = Arc::new(Resolver::new(
-            config.dns_port,
-            cluster.clone(),
-            driver.clone(),
-        ));
-        tokio::spawn(r.clone().serve(sockets));
-        r
-    });
+    let resolver = match (resolver_sockets, &clustered) {
+        (Some(sockets), Some(c)) => {
+            let r = Arc::new(Resolver::new(
+                config.dns_port,
+                cluster.clone(),
+                driver.clone(),
+            ));
+            // The names are read when they change in etcd, and on a timer.
+            let wake = Arc::new(tokio::sync::Notify::new());
+            tokio::spawn(crate::store::etcd::wake_on_changes(
+                c.etcd.client(),
+                format!("{}{}", c.etcd.prefix(), crate::schema::keys::NAMES),
+                wake.clone(),
+            ));
+            tokio::spawn(r.clone().keep_fresh(wake));
+            tokio::spawn(r.clone().serve(sockets));
+            Some(r)
+        }
+        _ => None,
+    };
     let mesh = match clustered {
         Some(c) => {
             let leases = Arc::new(crate::cluster::etcd::EtcdLeases::new(

@@ -559,6 +559,8 @@ async fn dns_queries_are_routed_to_the_resolver_only_while_there_are_networks() 
         sh("ip route show table 30565")
     );
     assert!(sh("nft list table inet weft").contains("tproxy ip to :15353"));
+    assert!(sh("iptables -S INPUT").starts_with("-P INPUT ACCEPT\n-A INPUT -j WEFT-INPUT"));
+    assert!(sh("iptables -S WEFT-INPUT").contains("-m mark --mark 0x77656674 -j ACCEPT"));
     // Removed behind weft's back: a full resync puts both back.
     sh("ip rule del fwmark 0x77656674 lookup 30565 && ip route flush table 30565");
     dp.resync(&desired()).await.unwrap();

@@ -78,7 +78,7 @@ lab_dns_up() {
   mkdir -p "$LAB_ROOT"
   ip netns exec "$LAB_WAN" dnsmasq --keep-in-foreground --no-resolv --no-hosts --no-poll \
     --listen-address=192.0.2.1 --bind-interfaces --port=53 --user=root \
-    --address=/upstream.test/192.0.2.99 --log-facility="$LAB_ROOT/dns.log" \
+    --address=/upstream.test/192.0.2.99 --address=/#/ --log-facility="$LAB_ROOT/dns.log" \
     --pid-file= </dev/null >>"$LAB_ROOT/dns.log" 2>&1 &
   echo $! >"$LAB_ROOT/dns.pid"
   disown $! 2>/dev/null || true

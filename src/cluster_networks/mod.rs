@@ -547,36 +547,5 @@ impl ClusterNetworks {
     }
 }
 
-/// Wakes the reconciler on every change under `cluster-networks/` in etcd, so other
-/// hosts follow a creation or removal at once (the timer is the fallback).
-pub async fn watch_etcd(client: etcd_client::Client, prefix: String, wake: Arc<Notify>) {
-    use etcd_client::WatchOptions;
-    let key = format!("{prefix}{}", keys::CLUSTER_NETWORKS);
-    loop {
-        let result: Result<(), etcd_client::Error> = async {
-            let mut stream = client
-                .watch_client()
-                .watch(key.as_str(), Some(WatchOptions::new().with_prefix()))
-                .await?;
-            // Whatever changed while the watch was down.
-            wake.notify_one();
-            while let Some(resp) = stream.message().await? {
-                if resp.canceled() {
-                    break;
-                }
-                if !resp.events().is_empty() {
-                    wake.notify_one();
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            debug!(error = %e, "cannot watch cluster networks");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 #[cfg(test)]
 mod tests;

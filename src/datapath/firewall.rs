@@ -32,6 +32,7 @@ use crate::ports::Published;
 
 pub const TABLE: &str = "weft";
 pub const IPTABLES_CHAIN: &str = "WEFT-FORWARD";
+pub const IPTABLES_INPUT_CHAIN: &str = "WEFT-INPUT";
 
 /// The nftables script that replaces table `inet weft` with `desired` (`tunnel_if`:
 /// the WireGuard interface, on several hosts; `names_port`: weft's resolver, which
@@ -363,6 +364,41 @@ pub async fn apply_iptables(active: bool, tunnel_if: Option<&str>) -> Result<(),
         }
     }
     place_jump(has_jump).await
+}
+
+/// Accepts, in iptables' `INPUT`, the DNS queries the firewall hands to weft's
+/// resolver (marked): a host firewall with `INPUT` policy DROP (ufw, firewalld) would
+/// drop them, and a drop in any base chain is final. With `active` false the chain
+/// and its jump go.
+pub async fn apply_iptables_input(active: bool) -> Result<(), DatapathError> {
+    let jump = ["INPUT", "-j", IPTABLES_INPUT_CHAIN];
+    let has_jump = iptables(&[&["-C"], &jump[..]].concat()).await.is_ok();
+    let has_chain = iptables(&["-L", IPTABLES_INPUT_CHAIN, "-n"]).await.is_ok();
+    if !active {
+        if has_jump {
+            iptables(&[&["-D"], &jump[..]].concat()).await?;
+        }
+        if has_chain {
+            iptables(&["-F", IPTABLES_INPUT_CHAIN]).await?;
+            iptables(&["-X", IPTABLES_INPUT_CHAIN]).await?;
+        }
+        return Ok(());
+    }
+    if !has_chain {
+        iptables(&["-N", IPTABLES_INPUT_CHAIN]).await?;
+    }
+    let mark = format!("{NAMES_MARK:#x}");
+    let rule = ["-m", "mark", "--mark", mark.as_str(), "-j", "ACCEPT"];
+    if iptables(&[&["-C", IPTABLES_INPUT_CHAIN][..], &rule[..]].concat())
+        .await
+        .is_err()
+    {
+        iptables(&[&["-A", IPTABLES_INPUT_CHAIN][..], &rule[..]].concat()).await?;
+    }
+    if !has_jump {
+        iptables(&["-I", "INPUT", "1", "-j", IPTABLES_INPUT_CHAIN]).await?;
+    }
+    Ok(())
 }
 
 /// Puts weft's `FORWARD` jump right after Docker's `DOCKER-USER` jump (or first, when

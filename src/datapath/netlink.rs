@@ -484,7 +484,8 @@ impl NetlinkDatapath {
 
     /// The rule and route that deliver DNS queries marked by TPROXY to the resolver's
     /// socket (`ip rule fwmark 0x77656674 lookup 30565`, `local 0.0.0.0/0 dev lo
-    /// table 30565`), while there are networks; gone when there are none.
+    /// table 30565`) and iptables' accept of them in `INPUT`, while there are
+    /// networks; gone when there are none.
     async fn sync_names_routing(
         &self,
         desired: &DesiredState,
@@ -535,6 +536,9 @@ impl NetlinkDatapath {
             .build();
         if !wanted {
             let mut errors = Vec::new();
+            if let Err(e) = firewall::apply_iptables_input(false).await {
+                errors.push(e);
+            }
             for rule in rules.into_iter().filter(ours) {
                 let r = self.handle.rule().del(rule).execute().await;
                 if let Err(e) = gone_ok(r.map_err(|e| classify("delete the DNS rule", e))) {
@@ -563,7 +567,7 @@ impl NetlinkDatapath {
                 .await;
             r.map_err(|e| classify(format!("rule fwmark {NAMES_MARK:#x}"), e))?;
         }
-        Ok(())
+        firewall::apply_iptables_input(true).await
     }
 
     async fn sync_iptables(&self, active: bool) -> Result<(), DatapathError> {

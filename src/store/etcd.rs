@@ -238,3 +238,37 @@ impl Store for EtcdStore {
             .unwrap_or_default())
     }
 }
+
+/// Wakes `wake` on every change under `key` (a prefix) in etcd, and once each time the
+/// watch (re)starts, for whatever changed while it was down; a timer is always the
+/// caller's fallback.
+pub async fn wake_on_changes(
+    client: etcd_client::Client,
+    key: String,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+) {
+    use etcd_client::WatchOptions;
+    loop {
+        let result: Result<(), etcd_client::Error> = async {
+            let mut stream = client
+                .watch_client()
+                .watch(key.as_str(), Some(WatchOptions::new().with_prefix()))
+                .await?;
+            wake.notify_one();
+            while let Some(resp) = stream.message().await? {
+                if resp.canceled() {
+                    break;
+                }
+                if !resp.events().is_empty() {
+                    wake.notify_one();
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(%key, error = %e, "cannot watch etcd");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

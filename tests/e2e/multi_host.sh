@@ -211,6 +211,9 @@ test_a_vanished_host_is_evicted() {
   # h3 has published names (the late-host cluster network test), which must go with it.
   etcdctl_lab get --prefix "/weft/v1/names/" --keys-only | grep -q "$(host_id h3)" ||
     fail "h3 has no names published before it vanishes"
+  local cache
+  cache=$(ip_of h3 s3 shared)
+  retry 25 resolves h1 s1 cache "$cache" || fail "h3's alias cache does not resolve on h1: '$(lookup h1 s1 cache)'"
   # Everything of h3 dies at once and its underlay link goes down.
   for pid in $(ip netns pids "$(lab_ns h3)"); do
     [ "$pid" = "$(lab_holder h3)" ] || kill -KILL "$pid" 2>/dev/null || true
@@ -238,6 +241,8 @@ test_a_vanished_host_is_evicted() {
   # Its published names went with its lease.
   [ -z "$(etcdctl_lab get --prefix "/weft/v1/names/" --keys-only | grep "$(host_id h3)")" ] ||
     fail "h3's names outlived its lease"
+  # And no longer resolve (the resolver reads at most 1 s before).
+  retry 10 resolves h1 s1 cache "" || fail "h3's alias still resolves on h1: '$(lookup h1 s1 cache)'"
 }
 
 test_traffic_survives_etcd_loss_and_weft_recovers() {
@@ -304,9 +309,21 @@ test_cluster_network_is_created_once_for_every_host() {
 # Names across hosts (issue 12): a container on h2 reaches h1's by name (ping, wget);
 # an alias resolves to every holder; a name never resolves from another network;
 # other names resolve as before, also while weft is down; a removed container's name
-# stops resolving within seconds; 20 lookups at once all get their answer.
+# stops resolving within seconds; 20 lookups at once all get their answer; a host
+# firewall dropping INPUT and a DNS server of the host's own on port 53 change nothing.
+# unblock_h2: h2's INPUT open again and its port 53 free (test_names_resolve_across_hosts).
+unblock_h2() {
+  kill "$(cat "$LAB_ROOT/port53.pid" 2>/dev/null)" 2>/dev/null
+  rm -f "$LAB_ROOT/port53.pid"
+  lab_exec h2 iptables -P INPUT ACCEPT
+  lab_exec h2 iptables -D INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT 2>/dev/null
+  lab_exec h2 iptables -D INPUT -i lo -j ACCEPT 2>/dev/null
+  lab_exec h2 iptables -D INPUT -p udp --dport 51820 -j ACCEPT 2>/dev/null
+  return 0
+}
+
 test_names_resolve_across_hosts() {
-  trap 'trap - ERR; set +e; D h1 rm -f web web-b >/dev/null 2>&1; D h2 rm -f stranger >/dev/null 2>&1' EXIT
+  trap 'trap - ERR; set +e; unblock_h2; D h1 rm -f web web-b >/dev/null 2>&1; D h2 rm -f stranger >/dev/null 2>&1; D h2 network rm stray >/dev/null 2>&1' EXIT
   run_bb h1 web --network shared --network-alias shop
   run_bb h1 web-b --network shared --network-alias shop
   D h1 exec web sh -c 'mkdir -p /www && echo marker-web >/www/index.html && httpd -p 80 -h /www'
@@ -318,9 +335,14 @@ test_names_resolve_across_hosts() {
   D h2 exec s2 timeout 5 wget -q -O - http://web/ | grep -q marker-web || fail "wget http://web/ from h2"
   retry 25 resolves h2 s2 shop "$(printf '%s\n' "$web" "$web_b" | sort | xargs)" ||
     fail "the alias shop: '$(lookup h2 s2 shop)', want $web and $web_b"
-  # Never from another network: a container of network app on h2 does not get it.
-  run_bb h2 stranger --network app
-  [ -z "$(lookup h2 stranger web)" ] || fail "web resolved from network app: $(lookup h2 stranger web)"
+  # Never from another network: a container of another weft network on h2 does not get it.
+  D h2 network create -d weft --ipam-driver weft --subnet 10.93.0.0/24 stray >/dev/null
+  run_bb h2 stranger --network stray
+  [ -z "$(lookup h2 stranger web)" ] || fail "web resolved from network stray: $(lookup h2 stranger web)"
+  # … and its query went on to the lab's server, which says there is no such name.
+  local said
+  said=$(D h2 exec stranger nslookup web 2>&1) || true
+  echo "$said" | grep -q "can't find web: NXDOMAIN" || fail "network stray's query for web: $said"
   # Other names as before: the lab's DNS server answers upstream.test, through weft.
   resolves h2 s2 upstream.test 192.0.2.99 || fail "upstream.test: '$(lookup h2 s2 upstream.test)'"
   weft_status h2 | jq -e '.resolver.answered > 0 and .resolver.forwarded > 0' >/dev/null ||
@@ -329,6 +351,21 @@ test_names_resolve_across_hosts() {
   local out
   out=$(D h2 exec s2 sh -c 'for i in $(seq 20); do (nslookup web >/tmp/l$i 2>&1; grep -c "^Address: '"$web"'" /tmp/l$i) & done; wait')
   [ "$(echo "$out" | grep -c '^1$')" = 20 ] || fail "20 lookups at once: $(echo "$out" | xargs)"
+  # A host whose firewall drops new connections in INPUT (as ufw and firewalld do)
+  # and where a DNS server holds port 53 on every address for itself alone (as
+  # docker-proxy for -p 53:53/udp does): answered all the same.
+  lab_exec h2 iptables -I INPUT 1 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+  lab_exec h2 iptables -A INPUT -i lo -j ACCEPT
+  lab_exec h2 iptables -A INPUT -p udp --dport 51820 -j ACCEPT
+  lab_exec h2 iptables -P INPUT DROP
+  lab_spawn h2 "$LAB_ROOT/port53.log" python3 -c 'import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 53)); time.sleep(600)' >"$LAB_ROOT/port53.pid"
+  sleep 0.5
+  resolves h2 s2 web "$web" || fail "web on h2 behind INPUT DROP with port 53 held: '$(lookup h2 s2 web)'"
+  resolves h2 s2 upstream.test 192.0.2.99 || fail "upstream.test on h2 behind INPUT DROP with port 53 held"
+  weft_status h2 | jq -e '.resolver.raw_replies > 0' >/dev/null ||
+    fail "no raw replies counted: $(weft_status h2 | jq -c .resolver)"
+  unblock_h2
   # weft down on h2: other names still resolve (nothing takes the queries); back up,
   # the cluster's names again.
   lab_weft_stop h2 TERM

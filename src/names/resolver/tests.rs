@@ -90,45 +90,68 @@ fn from(a: &str) -> Ipv4Addr {
     a.parse().unwrap()
 }
 
+/// Where dockerd's embedded DNS sent the query (the lab's server).
+fn server() -> SocketAddrV4 {
+    "192.0.2.1:53".parse().unwrap()
+}
+
 #[tokio::test]
 async fn names_are_answered_only_to_their_own_network() {
     let (r, store) = resolver().await;
     publish(&store, "10.60.0.0/24", "h1", &[("10.60.0.2", "web")]).await;
     publish(&store, "10.61.0.0/24", "h1", &[("10.61.0.2", "vault")]).await;
+    r.refresh().await.unwrap();
 
     assert_eq!(
-        addresses(r.decide(&ask("web."), from("10.60.0.9"), true).await),
+        addresses(
+            r.decide(&ask("web."), from("10.60.0.9"), server(), true)
+                .await
+        ),
         [from("10.60.0.2")]
     );
     // Another network's name goes on to the server the query was for.
     assert_eq!(
-        r.decide(&ask("vault."), from("10.60.0.9"), true).await,
-        Decision::Forward
-    );
-    assert_eq!(
-        r.decide(&ask("example.org."), from("10.60.0.9"), true)
+        r.decide(&ask("vault."), from("10.60.0.9"), server(), true)
             .await,
         Decision::Forward
     );
-    // Nothing for sources on no weft network.
     assert_eq!(
-        r.decide(&ask("web."), from("192.0.2.7"), true).await,
+        r.decide(&ask("example.org."), from("10.60.0.9"), server(), true)
+            .await,
+        Decision::Forward
+    );
+    // From a link of weft's but no network known here (yet): passed on, never answered.
+    assert_eq!(
+        r.decide(&ask("web."), from("10.99.0.7"), server(), true)
+            .await,
+        Decision::Forward
+    );
+    // Sent to the resolver's own port, not handed over by the firewall: nothing.
+    let direct = SocketAddrV4::new(from("192.0.2.12"), DEFAULT_PORT);
+    assert_eq!(
+        r.decide(&ask("web."), from("10.60.0.9"), direct, true)
+            .await,
         Decision::Drop
     );
     let s = r.status();
-    assert_eq!((s.answered, s.forwarded, s.refused), (1, 2, 1));
+    assert_eq!((s.answered, s.forwarded, s.dropped), (1, 3, 1));
+    assert_eq!((s.networks, s.names), (2, 2));
 }
 
 #[tokio::test]
 async fn an_internal_network_gets_its_names_and_a_refusal_for_the_rest() {
     let (r, store) = resolver().await;
     publish(&store, "10.61.0.0/24", "h1", &[("10.61.0.2", "vault")]).await;
+    r.refresh().await.unwrap();
     assert_eq!(
-        addresses(r.decide(&ask("vault."), from("10.61.0.5"), true).await),
+        addresses(
+            r.decide(&ask("vault."), from("10.61.0.5"), server(), true)
+                .await
+        ),
         [from("10.61.0.2")]
     );
     let Decision::Reply(bytes) = r
-        .decide(&ask("example.org."), from("10.61.0.5"), true)
+        .decide(&ask("example.org."), from("10.61.0.5"), server(), true)
         .await
     else {
         panic!("an internal network's outside query must be refused, not passed on");
@@ -148,48 +171,111 @@ async fn a_removed_name_stops_resolving_and_an_outage_keeps_the_last_names() {
         &[("10.60.0.2", "web"), ("10.60.0.3", "db")],
     )
     .await;
+    r.refresh().await.unwrap();
     assert_eq!(
-        addresses(r.decide(&ask("db."), from("10.60.0.9"), true).await).len(),
+        addresses(
+            r.decide(&ask("db."), from("10.60.0.9"), server(), true)
+                .await
+        )
+        .len(),
         1
     );
 
     publish(&store, "10.60.0.0/24", "h1", &[("10.60.0.2", "web")]).await;
-    tokio::time::sleep(FRESH_FOR + Duration::from_millis(100)).await;
+    r.refresh().await.unwrap();
     assert_eq!(
-        r.decide(&ask("db."), from("10.60.0.9"), true).await,
+        r.decide(&ask("db."), from("10.60.0.9"), server(), true)
+            .await,
         Decision::Forward
     );
 
-    // etcd down: the names last read still answer.
+    // etcd down: the read fails, the names read last still answer, and other names
+    // still go on.
     store.down.store(true, Ordering::SeqCst);
-    tokio::time::sleep(FRESH_FOR + Duration::from_millis(100)).await;
+    assert!(r.refresh().await.is_err());
     assert_eq!(
-        addresses(r.decide(&ask("web."), from("10.60.0.9"), true).await),
+        addresses(
+            r.decide(&ask("web."), from("10.60.0.9"), server(), true)
+                .await
+        ),
         [from("10.60.0.2")]
     );
+    assert_eq!(
+        r.decide(&ask("example.org."), from("10.60.0.9"), server(), true)
+            .await,
+        Decision::Forward
+    );
+}
+
+#[tokio::test]
+async fn with_etcd_down_from_the_start_every_query_goes_on() {
+    let (r, store) = resolver().await;
+    store.down.store(true, Ordering::SeqCst);
+    assert!(r.refresh().await.is_err());
+    assert_eq!(
+        r.decide(&ask("example.org."), from("10.60.0.9"), server(), true)
+            .await,
+        Decision::Forward
+    );
+}
+
+#[tokio::test]
+async fn the_names_are_read_again_when_woken() {
+    let (r, store) = resolver().await;
+    let r = Arc::new(r);
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(r.clone().keep_fresh(wake.clone()));
+    publish(&store, "10.60.0.0/24", "h1", &[("10.60.0.2", "web")]).await;
+    wake.notify_one();
+    let started = std::time::Instant::now();
+    while r.status().names == 0 {
+        assert!(started.elapsed() < REFRESH_EVERY, "not read when woken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
 async fn a_forwarded_query_gets_the_servers_own_reply() {
     // A stand-in for the server the query was going to, on loopback.
-    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let SocketAddr::V4(at) = server.local_addr().unwrap() else {
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let SocketAddr::V4(at) = upstream.local_addr().unwrap() else {
         unreachable!()
     };
     let serve = tokio::spawn(async move {
         let mut buf = [0u8; 512];
-        let (n, peer) = server.recv_from(&mut buf).await.unwrap();
+        let (n, peer) = upstream.recv_from(&mut buf).await.unwrap();
         // A stray datagram first (another ID), then the reply.
-        server.send_to(b"\xff\xffstray", peer).await.unwrap();
+        upstream.send_to(b"\xff\xffstray", peer).await.unwrap();
         let mut reply = buf[..n].to_vec();
         reply.extend_from_slice(b"-answered");
-        server.send_to(&reply, peer).await.unwrap();
+        upstream.send_to(&reply, peer).await.unwrap();
     });
     let query = ask("example.org.");
-    let reply = forward_udp(&query, at).await.unwrap();
+    let reply = forward_udp(&query, at, UPSTREAM_DEADLINE).await.unwrap();
     assert_eq!(&reply[..query.len()], &query[..]);
     assert!(reply.ends_with(b"-answered"));
     serve.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_where_nothing_listens_is_known_at_once() {
+    // A port nothing listens on: the ICMP error refuses the connected socket.
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let SocketAddr::V4(at) = closed.local_addr().unwrap() else {
+        unreachable!()
+    };
+    drop(closed);
+    let started = std::time::Instant::now();
+    let got = forward_udp(&ask("example.org."), at, UPSTREAM_DEADLINE).await;
+    assert!(matches!(got, Err(Unanswered::Refused)), "{got:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let Some(bytes) = reply_with(&ask("example.org."), ResponseCode::ServFail) else {
+        panic!("no SERVFAIL for a DNS query");
+    };
+    assert_eq!(
+        Message::from_vec(&bytes).unwrap().metadata.response_code,
+        ResponseCode::ServFail
+    );
 }
 
 #[tokio::test]
