@@ -561,10 +561,16 @@ async fn dns_queries_are_routed_to_the_resolver_only_while_there_are_networks() 
     assert!(sh("nft list table inet weft").contains("tproxy ip to :15353"));
     assert!(sh("iptables -S INPUT").starts_with("-P INPUT ACCEPT\n-A INPUT -j WEFT-INPUT"));
     assert!(sh("iptables -S WEFT-INPUT").contains("-m mark --mark 0x77656674 -j ACCEPT"));
-    // Removed behind weft's back: a full resync puts both back.
+    // Removed behind weft's back, or put behind a host firewall's drop: a full
+    // resync puts everything back, the accept first.
     sh("ip rule del fwmark 0x77656674 lookup 30565 && ip route flush table 30565");
+    sh("iptables -F WEFT-INPUT && iptables -I INPUT 1 -p udp -j DROP");
     dp.resync(&desired()).await.unwrap();
     assert!(rule() && route(), "not repaired");
+    assert!(sh("iptables -S INPUT")
+        .starts_with("-P INPUT ACCEPT\n-A INPUT -j WEFT-INPUT\n-A INPUT -p udp -j DROP"));
+    assert!(sh("iptables -S WEFT-INPUT").contains("-m mark --mark 0x77656674 -j ACCEPT"));
+    sh("iptables -D INPUT -p udp -j DROP");
     dp.resync(&desired()).await.unwrap();
     assert_eq!(
         sh("ip rule show").matches("0x77656674").count(),

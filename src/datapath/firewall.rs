@@ -395,7 +395,14 @@ pub async fn apply_iptables_input(active: bool) -> Result<(), DatapathError> {
     {
         iptables(&[&["-A", IPTABLES_INPUT_CHAIN][..], &rule[..]].concat()).await?;
     }
-    if !has_jump {
+    // First in INPUT, before any drop a host firewall adds (also one added later).
+    let listing = iptables(&["-S", "INPUT"]).await?;
+    let first = listing.lines().find(|l| l.starts_with("-A INPUT "));
+    let ours = format!("-A INPUT -j {IPTABLES_INPUT_CHAIN}");
+    if first != Some(ours.as_str()) {
+        if has_jump {
+            iptables(&[&["-D"], &jump[..]].concat()).await?;
+        }
         iptables(&["-I", "INPUT", "1", "-j", IPTABLES_INPUT_CHAIN]).await?;
     }
     Ok(())

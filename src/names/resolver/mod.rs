@@ -40,8 +40,8 @@ use transport::{forward_udp, read_framed, reply_from, write_framed, Sent, Unansw
 pub const DEFAULT_PORT: u16 = 15353;
 /// How often the names are read when no change in etcd wakes the reader.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
-/// How long one read of every network's names may take before the last ones stay.
-const READ_DEADLINE: Duration = Duration::from_secs(2);
+/// How long the read of one network's names may take before its last ones stay.
+const READ_DEADLINE: Duration = Duration::from_secs(1);
 /// How long the server a query was going to may take to answer it (dockerd's
 /// embedded DNS gives up on a server after about 4 s).
 const UPSTREAM_DEADLINE: Duration = Duration::from_secs(4);
@@ -144,10 +144,17 @@ impl Resolver {
             if fresh.contains_key(&net.subnet) {
                 continue;
             }
-            let read = self
-                .store
-                .list_json_lossy::<NamesRecord>(&keys::names_of(net.subnet))
-                .await;
+            let read = tokio::time::timeout(
+                READ_DEADLINE,
+                self.store
+                    .list_json_lossy::<NamesRecord>(&keys::names_of(net.subnet)),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::store::StoreError::Unavailable(format!(
+                    "no answer within {READ_DEADLINE:?}"
+                )))
+            });
             let directory = match read {
                 Ok((records, bad)) => {
                     if !bad.is_empty() {
@@ -175,13 +182,7 @@ impl Resolver {
     /// else every [`REFRESH_EVERY`].
     pub async fn keep_fresh(self: Arc<Self>, wake: Arc<Notify>) {
         loop {
-            let result = tokio::time::timeout(READ_DEADLINE, self.refresh()).await;
-            let error = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!("no answer within {READ_DEADLINE:?}")),
-            };
-            match error {
+            match self.refresh().await.err() {
                 None => {
                     if self.reading_failed.swap(false, Ordering::Relaxed) {
                         info!("the cluster's names are read again");
@@ -217,8 +218,10 @@ impl Resolver {
         let network = match self.driver.networks().await {
             Ok(networks) => networks.into_iter().find(|n| n.subnet.contains(client)),
             Err(e) => {
+                // Not knowing whether the network is internal, nothing goes out.
                 debug!(error = %e, "this host's networks not read");
-                None
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                return Decision::Drop;
             }
         };
         let Some(network) = network else {
@@ -322,7 +325,16 @@ impl Resolver {
                 }
             },
         };
-        match reply_from(server, client, &reply) {
+        let sent = match reply_from(server, client, &reply) {
+            // Too large for a raw datagram (the kernel fragments none): truncated, the
+            // client asks again over TCP.
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => match truncated(&reply) {
+                Some(short) => reply_from(server, client, &short),
+                None => Err(e),
+            },
+            other => other,
+        };
+        match sent {
             Ok(sent) => {
                 if sent == Sent::Raw {
                     self.counters.raw_replies.fetch_add(1, Ordering::Relaxed);
@@ -408,6 +420,11 @@ impl Resolver {
             write_framed(&mut stream, &reply).await?;
         }
     }
+}
+
+/// `reply` with its records dropped and the TC bit set, if it is a DNS message.
+fn truncated(reply: &[u8]) -> Option<Vec<u8>> {
+    Message::from_vec(reply).ok()?.truncate().to_vec().ok()
 }
 
 /// A reply to `query` with no answer and `code` (REFUSED, SERVFAIL), if the query is

@@ -295,3 +295,32 @@ async fn tcp_messages_are_framed_with_their_length() {
     drop(c);
     echo.await.unwrap();
 }
+
+#[test]
+fn a_reply_too_large_to_send_raw_is_truncated_for_tcp() {
+    let mut m = Message::query();
+    m.add_query(Query::query(
+        Name::from_ascii("many.").unwrap(),
+        RecordType::A,
+    ));
+    let reply = addresses_reply(&m);
+    let short = Message::from_vec(&truncated(&reply).unwrap()).unwrap();
+    assert!(short.metadata.truncation);
+    assert!(short.answers.is_empty());
+    assert_eq!(short.queries.len(), 1);
+    assert!(truncated(b"not dns").is_none());
+}
+
+/// A reply to `query` with a few A records.
+fn addresses_reply(query: &Message) -> Vec<u8> {
+    let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+    reply.add_queries(query.queries.clone());
+    for i in 1..=5 {
+        reply.add_answer(hickory_proto::rr::Record::from_rdata(
+            query.queries[0].name.clone(),
+            2,
+            RData::A(hickory_proto::rr::rdata::A(Ipv4Addr::new(10, 60, 0, i))),
+        ));
+    }
+    reply.to_vec().unwrap()
+}
