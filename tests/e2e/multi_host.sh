@@ -311,6 +311,23 @@ test_cluster_network_is_created_once_for_every_host() {
 # other names resolve as before, also while weft is down; a removed container's name
 # stops resolving within seconds; 20 lookups at once all get their answer; a host
 # firewall dropping INPUT and a DNS server of the host's own on port 53 change nothing.
+# tcp_asks HOST CONTAINER NAME: the reply, as hex bytes on one line, to a DNS query for
+# NAME's A records sent over TCP from CONTAINER straight to the lab's server (as a
+# client does after a truncated reply); busybox has no TCP-capable DNS client, so the
+# query's bytes are written out here.
+tcp_asks() {
+  local name=$3 q="" label labels
+  IFS=. read -ra labels <<<"$name"
+  for label in "${labels[@]}"; do q+=$(printf '\\x%02x' "${#label}")$label; done
+  local n=$((12 + ${#name} + 2 + 4))
+  local len
+  len=$(printf '\\x%02x\\x%02x' $((n / 256)) $((n % 256)))
+  D "$1" exec "$2" sh -c "printf '$len\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00$q\\x00\\x00\\x01\\x00\\x01' |
+    nc -w 3 192.0.2.1 53 | od -An -tx1" 2>/dev/null | xargs
+}
+# hex_of ADDRESS: its four bytes as tcp_asks prints them.
+hex_of() { local IFS=.; set -- $1; printf '%02x %02x %02x %02x' "$1" "$2" "$3" "$4"; }
+
 # unblock_h2: h2's INPUT open again and its port 53 free (test_names_resolve_across_hosts).
 unblock_h2() {
   kill "$(cat "$LAB_ROOT/port53.pid" 2>/dev/null)" 2>/dev/null
@@ -345,6 +362,10 @@ test_names_resolve_across_hosts() {
   echo "$said" | grep -q "can't find web: NXDOMAIN" || fail "network stray's query for web: $said"
   # Other names as before: the lab's DNS server answers upstream.test, through weft.
   resolves h2 s2 upstream.test 192.0.2.99 || fail "upstream.test: '$(lookup h2 s2 upstream.test)'"
+  # Over TCP too: answered for web, relayed to the lab's server for upstream.test.
+  tcp_asks h2 s2 web | grep -q "$(hex_of "$web")" || fail "web over TCP: '$(tcp_asks h2 s2 web)'"
+  tcp_asks h2 s2 upstream.test | grep -q "$(hex_of 192.0.2.99)" ||
+    fail "upstream.test over TCP: '$(tcp_asks h2 s2 upstream.test)'"
   weft_status h2 | jq -e '.resolver.answered > 0 and .resolver.forwarded > 0' >/dev/null ||
     fail "h2's resolver counters: $(weft_status h2 | jq -c .resolver)"
   # 20 lookups at once, every one answered.
