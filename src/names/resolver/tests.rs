@@ -95,6 +95,11 @@ fn server() -> SocketAddrV4 {
     "192.0.2.1:53".parse().unwrap()
 }
 
+/// `r`'s decision on an A query for `name` from `source`, handed over by TPROXY (UDP).
+async fn query(r: &Resolver, name: &str, source: &str) -> Decision {
+    r.decide(&ask(name), from(source), server(), true).await
+}
+
 #[tokio::test]
 async fn names_are_answered_only_to_their_own_network() {
     let (r, store) = resolver().await;
@@ -103,29 +108,17 @@ async fn names_are_answered_only_to_their_own_network() {
     r.refresh().await.unwrap();
 
     assert_eq!(
-        addresses(
-            r.decide(&ask("web."), from("10.60.0.9"), server(), true)
-                .await
-        ),
+        addresses(query(&r, "web.", "10.60.0.9").await),
         [from("10.60.0.2")]
     );
     // Another network's name goes on to the server the query was for.
+    assert_eq!(query(&r, "vault.", "10.60.0.9").await, Decision::Forward);
     assert_eq!(
-        r.decide(&ask("vault."), from("10.60.0.9"), server(), true)
-            .await,
-        Decision::Forward
-    );
-    assert_eq!(
-        r.decide(&ask("example.org."), from("10.60.0.9"), server(), true)
-            .await,
+        query(&r, "example.org.", "10.60.0.9").await,
         Decision::Forward
     );
     // From a link of weft's but no network known here (yet): passed on, never answered.
-    assert_eq!(
-        r.decide(&ask("web."), from("10.99.0.7"), server(), true)
-            .await,
-        Decision::Forward
-    );
+    assert_eq!(query(&r, "web.", "10.99.0.7").await, Decision::Forward);
     // Sent to the resolver's own port, not handed over by the firewall: nothing.
     let direct = SocketAddrV4::new(from("192.0.2.12"), DEFAULT_PORT);
     assert_eq!(
@@ -144,10 +137,7 @@ async fn an_internal_network_gets_its_names_and_a_refusal_for_the_rest() {
     publish(&store, "10.61.0.0/24", "h1", &[("10.61.0.2", "vault")]).await;
     r.refresh().await.unwrap();
     assert_eq!(
-        addresses(
-            r.decide(&ask("vault."), from("10.61.0.5"), server(), true)
-                .await
-        ),
+        addresses(query(&r, "vault.", "10.61.0.5").await),
         [from("10.61.0.2")]
     );
     let Decision::Reply(bytes) = r
@@ -172,37 +162,22 @@ async fn a_removed_name_stops_resolving_and_an_outage_keeps_the_last_names() {
     )
     .await;
     r.refresh().await.unwrap();
-    assert_eq!(
-        addresses(
-            r.decide(&ask("db."), from("10.60.0.9"), server(), true)
-                .await
-        )
-        .len(),
-        1
-    );
+    assert_eq!(addresses(query(&r, "db.", "10.60.0.9").await).len(), 1);
 
     publish(&store, "10.60.0.0/24", "h1", &[("10.60.0.2", "web")]).await;
     r.refresh().await.unwrap();
-    assert_eq!(
-        r.decide(&ask("db."), from("10.60.0.9"), server(), true)
-            .await,
-        Decision::Forward
-    );
+    assert_eq!(query(&r, "db.", "10.60.0.9").await, Decision::Forward);
 
     // etcd down: the read fails, the names read last still answer, and other names
     // still go on.
     store.down.store(true, Ordering::SeqCst);
     assert!(r.refresh().await.is_err());
     assert_eq!(
-        addresses(
-            r.decide(&ask("web."), from("10.60.0.9"), server(), true)
-                .await
-        ),
+        addresses(query(&r, "web.", "10.60.0.9").await),
         [from("10.60.0.2")]
     );
     assert_eq!(
-        r.decide(&ask("example.org."), from("10.60.0.9"), server(), true)
-            .await,
+        query(&r, "example.org.", "10.60.0.9").await,
         Decision::Forward
     );
 }
@@ -213,8 +188,7 @@ async fn with_etcd_down_from_the_start_every_query_goes_on() {
     store.down.store(true, Ordering::SeqCst);
     assert!(r.refresh().await.is_err());
     assert_eq!(
-        r.decide(&ask("example.org."), from("10.60.0.9"), server(), true)
-            .await,
+        query(&r, "example.org.", "10.60.0.9").await,
         Decision::Forward
     );
 }
